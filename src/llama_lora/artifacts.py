@@ -1,0 +1,126 @@
+"""The run-folder contract: what is written where, atomically, and how it is read back.
+
+outputs/<run>/
+  config.yaml      resolved, validated config (everything infer/merge/eval need)
+  run.json         status (running|interrupted|failed|finished), resolved base model path, times
+  prompt.json      prompt format used in training (chat template or Alpaca), reused by inference
+  adapter/         standard PEFT adapter (adapter_config.json + adapter_model.safetensors)
+  tokenizer/       tokenizer with its chat template and pad token
+  metrics.json     final training metrics
+  train.log        log file; tensorboard/ event files; checkpoints/step-NNNNNN/ for resume
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from llama_lora.errors import LlamaLoraError
+
+FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    config = property(lambda self: self.path / "config.yaml")
+    status_file = property(lambda self: self.path / "run.json")
+    prompt = property(lambda self: self.path / "prompt.json")
+    adapter = property(lambda self: self.path / "adapter")
+    tokenizer = property(lambda self: self.path / "tokenizer")
+    metrics = property(lambda self: self.path / "metrics.json")
+    log = property(lambda self: self.path / "train.log")
+    tensorboard = property(lambda self: self.path / "tensorboard")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    merged = property(lambda self: self.path / "merged")
+
+    def status(self) -> dict[str, Any]:
+        return read_json(self.status_file) if self.status_file.is_file() else {}
+
+    def is_finished(self) -> bool:
+        return self.status().get("status") == FINISHED and (self.adapter / "adapter_config.json").is_file()
+
+    def set_status(self, status: str, **extra: Any) -> None:
+        data = self.status() | extra | {"status": status, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json(self.status_file, data)
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a complete one has its state file, written last)."""
+        if not self.checkpoints.is_dir():
+            return []
+        done = [p for p in self.checkpoints.glob("step-*") if (p / "trainer_state.json").is_file()]
+        return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LlamaLoraError(f"Could not read {path}: {e}. The file is missing or corrupted.") from e
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `path` in (almost) one rename.
+
+    A kill before the rename leaves only a `.tmp-*` folder that nothing reads as complete.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_free_space(path: Path, need_bytes: int) -> None:
+    path = Path(path)
+    while not path.exists():
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise LlamaLoraError(
+            f"Not enough free disk space under {path}: {free / 2**20:.0f} MiB free, about "
+            f"{need_bytes / 2**20:.0f} MiB needed for this save. Free some space or change output_dir."
+        )
+
+
+def latest_finished_run(output_dir: str | Path) -> RunDir:
+    root = Path(output_dir)
+    runs = [RunDir(p) for p in root.glob("*/") if RunDir(p).is_finished()] if root.is_dir() else []
+    if not runs:
+        raise LlamaLoraError(
+            f"No finished run under '{root}'. Train one first (`llama-lora train experiment=quickstart`) "
+            "or pass infer.run_dir=<run directory>."
+        )
+    return max(runs, key=lambda r: r.status_file.stat().st_mtime)

@@ -1,0 +1,181 @@
+"""The one place that states every configuration field: its type, default, allowed values and doc.
+
+Hydra composes YAML on top of these defaults (see ``load.py``, which registers ``Config()`` as the base
+node), so a YAML file can only *change* a value, never introduce a field the schema does not know.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+EMBEDDED = "embedded"  # sentinel for model.name_or_path / data.source: the offline default
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a typo in a key is an error, never a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = Field(
+        "meta-llama/Llama-3.2-1B-Instruct",
+        description="Hub id, local directory in transformers format, or 'embedded' for the offline tiny Llama.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of the frozen base weights; 'auto' follows the chosen precision."
+    )
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        "auto", description="Attention kernel; 'auto' picks FlashAttention2 if installed and supported, else SDPA."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub. Off for safety.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward (non-reentrant) to save memory."
+    )
+
+
+class ColumnsConfig(_Strict):
+    instruction: str = Field("instruction", description="Column holding the instruction.")
+    input: str = Field("input", description="Column holding the optional input/context.")
+    output: str = Field("output", description="Column holding the target response.")
+
+
+class DataConfig(_Strict):
+    source: str = Field(
+        "tatsu-lab/alpaca",
+        description="Hub dataset id, local .json/.jsonl/.parquet file, local directory of such files, or 'embedded'.",
+    )
+    train_split: str = Field("train[:1%]", description="Split (with optional slicing) used for training.")
+    eval_split: str | None = Field(
+        None,
+        description="Held-out split for evaluation; None uses the data set's 'validation' split "
+        "if it has one, else holds out eval_fraction of train_split.",
+    )
+    test_split: str | None = Field(
+        None, description="Split for the eval/baseline commands; None uses the evaluation split."
+    )
+    eval_fraction: float = Field(
+        0.05, gt=0.0, lt=1.0, description="Share of train_split held out when there is no eval split."
+    )
+    max_eval_examples: int = Field(200, ge=1, description="Cap on evaluation examples (keeps eval quick).")
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig, description="Column names in the data set.")
+    prompt_format: Literal["auto", "chat", "alpaca"] = Field(
+        "auto", description="'chat' uses the tokenizer's chat template, 'alpaca' the Alpaca prompt; "
+        "'auto' picks chat when the tokenizer has a template.",
+    )
+    system_prompt: str | None = Field(None, description="Optional system message for chat formatting.")
+    max_seq_length: int = Field(512, ge=8, le=131072, description="Examples longer than this are truncated.")
+    packing: bool = Field(
+        True,
+        description="Padding-free batches: concatenate a micro-batch's examples into one row with "
+        "per-example position_ids (no attention across examples).",
+    )
+    num_proc: int = Field(1, ge=1, description="Processes for tokenization.")
+
+
+class PeftConfig(_Strict):
+    method: Literal["lora", "dora"] = Field("lora", description="Adapter type: LoRA or DoRA (weight-decomposed).")
+    r: int = Field(16, ge=1, le=4096, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0.0, description="Scaling numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]) or 'all-linear'."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023).")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split_names(cls, v):
+        # Accept the shell-friendly form peft.target_modules=q_proj,v_proj as well as a YAML list.
+        if isinstance(v, str) and v != "all-linear":
+            return [name.strip() for name in v.split(",") if name.strip()]
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("must name at least one module, or be 'all-linear'")
+        return v
+
+
+class TrainingConfig(_Strict):
+    seed: int = Field(42, description="Seed for model init, data order and dropout.")
+    num_epochs: float = Field(1.0, gt=0.0, description="Epochs over the training split (ignored if max_steps > 0).")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1 derives it from num_epochs.")
+    micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass per device.")
+    gradient_accumulation_steps: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Share of steps spent in linear warm-up.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
+    eval_every: int = Field(50, ge=0, description="Evaluate every N optimizer steps; 0 evaluates only at the end.")
+    save_every: int = Field(100, ge=0, description="Checkpoint every N optimizer steps; 0 only at the end.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
+    log_every: int = Field(10, ge=1, description="Log train loss every N optimizer steps.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Experiment trackers; wandb honours WANDB_MODE=offline."
+    )
+    wandb_project: str = Field("llama-lora", description="Weights & Biases project name.")
+    resume: Literal["auto", "never"] = Field(
+        "auto", description="'auto' continues an unfinished run of the same name from its newest checkpoint."
+    )
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="'auto': CUDA, then MPS, then CPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="'auto': bf16 where supported, fp16 with loss scaling on older CUDA, fp32 on CPU/MPS."
+    )
+    debug_nan_at_step: int | None = Field(
+        None, ge=1, description="Testing knob: make the loss NaN at this step to exercise the non-finite guard."
+    )
+
+
+class EvalConfig(_Strict):
+    max_new_tokens: int = Field(32, ge=1, description="Generation length for exact-match and samples.")
+    batch_size: int = Field(16, ge=1, description="Examples per batch for loss and generation.")
+    num_samples: int = Field(3, ge=0, description="Sample generations shown in the report.")
+
+
+class InferConfig(_Strict):
+    run_dir: str | None = Field(None, description="Run directory (adapter) or merged model; None = latest finished run.")
+    max_new_tokens: int = Field(256, ge=1, description="Most tokens to generate.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(0.7, gt=0.0, description="Sampling temperature.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    batch_size: int = Field(8, ge=1, description="Prompts per batch with --input-file.")
+
+
+class Config(_Strict):
+    preset: str = Field("default", description="Name of the experiment preset; used in default run names.")
+    run_name: str | None = Field(None, description="Run directory name under output_dir; None = '<preset>-<time>'.")
+    output_dir: str = Field("outputs", description="Parent directory of run directories.")
+    overwrite: bool = Field(False, description="Allow replacing a finished run directory of the same name.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model to adapt.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Data set and formatting.")
+    peft: PeftConfig = Field(default_factory=PeftConfig, description="LoRA/DoRA adapter settings.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation and run control.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and generation settings for eval/baseline.")
+    infer: InferConfig = Field(default_factory=InferConfig, description="Generation settings for infer.")
+    runs: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="For 'experiment': named runs, each a list of Hydra overrides applied on top of this config.",
+    )
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, v):
+        if v is not None and (not v or "/" in v or v in {".", ".."}):
+            raise ValueError("must be a plain directory name (no '/')")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field(self):
+        if self.training.debug_nan_at_step is not None and self.training.max_steps > 0:
+            if self.training.debug_nan_at_step > self.training.max_steps:
+                raise ValueError("training.debug_nan_at_step is past training.max_steps")
+        return self

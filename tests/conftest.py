@@ -1,0 +1,60 @@
+"""Shared fixtures: the embedded model/data (built once, cached), a tiny barely-trained base for fast
+unit tests, and one real quickstart run through the CLI that many tests read."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Never touch the network from tests, and keep the embedded cache inside the checkout.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("LLAMA_LORA_CACHE", str(REPO / ".cache" / "llama_lora"))
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: int = 900,
+            env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m llama_lora.cli ...` in a subprocess, as a user would."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "llama_lora.cli", *args], cwd=cwd, capture_output=True, text=True,
+        timeout=timeout, env={**os.environ, **(env or {})}, input=stdin,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"CLI {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def embedded_model() -> Path:
+    from llama_lora.embedded import ensure_base_model
+
+    return ensure_base_model()
+
+
+@pytest.fixture(scope="session")
+def embedded_data() -> Path:
+    from llama_lora.embedded import ensure_dataset
+
+    return ensure_dataset()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """Same architecture and tokenizer as the embedded model, 2 pre-training steps: for fast tests."""
+    from llama_lora.embedded.base_model import build_base_model
+
+    return build_base_model(tmp_path_factory.mktemp("tiny") / "base", pretrain_steps=2)
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory, embedded_model, embedded_data) -> Path:
+    """One real `llama-lora train experiment=quickstart` in a subprocess, shared by all tests that read a run."""
+    out = tmp_path_factory.mktemp("outputs")
+    run_cli("train", "experiment=quickstart", f"output_dir={out}", "run_name=qs")
+    return out / "qs"
