@@ -3,6 +3,7 @@ unit tests, and one real quickstart run through the CLI that many tests read."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -58,3 +59,25 @@ def quickstart_run(tmp_path_factory, embedded_model, embedded_data) -> Path:
     out = tmp_path_factory.mktemp("outputs")
     run_cli("train", "experiment=quickstart", f"output_dir={out}", "run_name=qs")
     return out / "qs"
+
+
+class _CurrentStderr:
+    """A stream that is whatever sys.stderr is now (pytest swaps it for every test)."""
+
+    def write(self, text):
+        return sys.stderr.write(text)
+
+    def flush(self):
+        sys.stderr.flush()
+
+
+@pytest.fixture(autouse=True)
+def _logging_follows_pytest_stderr():
+    """For tests calling cli.main in-process: its logging.basicConfig, and `datasets` on import, bind a
+    handler to the sys.stderr of the test that ran first; later tests would get "--- Logging error ---"
+    tracebacks from that closed capture stream in their output."""
+    loggers = [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    for h in (h for lg in loggers for h in lg.handlers):
+        if type(h) is logging.StreamHandler and h.stream not in (sys.__stderr__, sys.__stdout__):
+            h.stream = _CurrentStderr()  # not setStream(): it flushes the closed stream first
+    yield

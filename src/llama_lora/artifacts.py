@@ -85,22 +85,83 @@ def read_json(path: Path) -> Any:
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path` in (almost) one rename.
 
-    A kill before the rename leaves only a `.tmp-*` folder that nothing reads as complete.
+    A kill before the rename leaves only a `.<name>.tmp-<pid>` folder that nothing reads as complete
+    (and `clean_stale` removes); a kill between the two renames leaves the previous version as
+    `.<name>.old-<pid>`, which `clean_stale` puts back.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         yield tmp
-    except BaseException:
+        _fsync_tree(tmp)  # the data is on disk before the rename makes it visible
+        if delay := float(os.environ.get(SAVE_DELAY_ENV) or 0):
+            time.sleep(delay)  # tests: a window in which a kill lands mid-save, reproducibly
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise LlamaLoraError(
+                f"Could not write {path} ({e.strerror or e}). Nothing was replaced: any earlier version is "
+                "intact. Free disk space or fix the permissions of the output directory, then run again."
+            ) from e
         raise
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# Testing knob: seconds atomic_dir waits between writing everything and the rename.
+SAVE_DELAY_ENV = "LLAMA_LORA_TEST_SAVE_DELAY"
+
+
+def _fsync_tree(root: Path) -> None:
+    if os.name == "nt":  # directories cannot be opened for fsync there
+        return
+    for p in [*sorted(root.rglob("*"), reverse=True), root]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def clean_stale(folder: Path) -> list[str]:
+    """Undo what a killed atomic_dir/write_text left in `folder`; return what was done.
+
+    `.X.tmp-PID` (half-written, never renamed) is deleted; `.X.old-PID` (the previous version, set
+    aside just before a rename that never happened) is put back as X if X is missing. Entries of a
+    process that is still alive are left alone: it may be writing them right now.
+    """
+    done = []
+    if not folder.is_dir():
+        return done
+    for p in sorted(folder.glob(".*")):
+        name, sep, pid = p.name.rpartition(".tmp-") if ".tmp-" in p.name else p.name.rpartition(".old-")
+        if not sep or not pid.isdigit() or _other_process_alive(int(pid)):
+            continue
+        target = folder / name[1:]
+        if ".old-" in p.name and not target.exists():
+            os.replace(p, target)
+            done.append(f"restored {target.name} from {p.name}")
+        else:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            done.append(f"removed {p.name}")
+    return done
+
+
+def _other_process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers (an earlier failed save in this process) are stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_free_space(path: Path, need_bytes: int) -> None:

@@ -18,6 +18,12 @@ from llama_lora.errors import LlamaLoraError
 # command -> (module with run(cfg), one-line help). The module is imported only when used.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("llama_lora.train", "fine-tune a LoRA/DoRA adapter"),
+    "infer": ("llama_lora.infer", "answer a prompt, a JSONL file, or chat with a run or merged model"),
+    "baseline": ("llama_lora.baseline", "evaluate the base model (no adapter) on the held-out split"),
+    "eval": ("llama_lora.eval", "evaluate a run against its base model: loss, perplexity, exact match"),
+    "merge": ("llama_lora.merge", "merge a run's adapter into the base weights and verify the result"),
+    "validate": ("llama_lora.validate", "check a configuration, the model, the data and memory before training"),
+    "experiment": ("llama_lora.experiment", "run several configurations (preset, -m sweep or Optuna search), compare, plot"),
 }
 
 USAGE = """usage: llama-lora <command> [options] [key=value ...]
@@ -86,8 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     except LlamaLoraError as e:
         if debug:
             logging.getLogger("llama_lora").exception("details")
-        print("\n" + textwrap.fill(f"error: {e}", width=100, break_long_words=False, break_on_hyphens=False),
-              file=sys.stderr)
+        # Under torchrun / accelerate launch every process reaches the same verdict (train shares its
+        # decisions); one copy of the paragraph is enough.
+        if os.environ.get("RANK", "0") == "0" or debug:
+            print("\n" + textwrap.fill(f"error: {e}", width=100, break_long_words=False, break_on_hyphens=False),
+                  file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

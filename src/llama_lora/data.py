@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,19 +92,44 @@ def load_split(source: str, split: str):
         return load_dataset(builder, data_files=files, split=split)
     except LlamaLoraError:
         raise
-    except ValueError as e:
-        if "split" in str(e).lower():
-            raise LlamaLoraError(f"Split '{split}' is not valid for data.source '{source}': {e}") from e
-        raise LlamaLoraError(f"Could not read data.source '{source}' split '{split}': {e}") from e
     except Exception as e:
+        if isinstance(e, ValueError) and "split" in str(e).lower():
+            raise LlamaLoraError(f"Split '{split}' is not valid for data.source '{source}': {e}") from e
         if files is not None:
+            where = _first_bad_json(files.values()) or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             raise LlamaLoraError(
-                f"Could not read data.source '{source}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                f"Could not read data.source '{source}' ({where}). "
                 "Check that every line/row is valid JSON/Parquet with the instruction/input/output columns."
             ) from e
+        if isinstance(e, ValueError):
+            raise LlamaLoraError(f"Could not read data.source '{source}' split '{split}': {e}") from e
         from llama_lora.model import hub_error
 
         raise hub_error(e, "data set", source) from e
+
+
+def _first_bad_json(files) -> str | None:
+    """'<file> line N: <problem>' for the first unreadable JSON(L) record (run only after a failure)."""
+    for f in map(Path, files):
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            return f"{f}: {e}"
+        if not text.strip():
+            return f"{f} is empty"
+        if f.suffix.lower() == ".json" and text.lstrip().startswith("["):
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as e:
+                return f"{f} line {e.lineno}: {e.msg}"
+        elif f.suffix.lower() in (".json", ".jsonl"):
+            for n, line in enumerate(text.splitlines(), 1):
+                try:
+                    if line.strip() and not isinstance(json.loads(line), dict):
+                        return f"{f} line {n}: a record must be a JSON object"
+                except json.JSONDecodeError as e:
+                    return f"{f} line {n}: {e.msg}"
+    return None
 
 
 def load_train_eval(cfg: DataConfig, seed: int):

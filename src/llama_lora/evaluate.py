@@ -43,3 +43,59 @@ def evaluate_loss(model: torch.nn.Module, examples: list[dict], collate, batch_s
     model.train(was_training)
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The eval/baseline commands: loss/perplexity plus exact match per task family and sample generations.
+
+
+def exact_match_scores(predictions: list[str], references: list[str], tasks: list[str]) -> dict:
+    """Share of exact (whitespace-trimmed) matches, per task family and overall."""
+    from llama_lora.embedded.data import exact_match
+
+    by_task: dict[str, list[int]] = {}
+    for p, r, t in zip(predictions, references, tasks):
+        hit = by_task.setdefault(t, [0, 0])
+        hit[0] += int(exact_match(p, r))
+        hit[1] += 1
+    correct, total = sum(c for c, _ in by_task.values()), sum(n for _, n in by_task.values())
+    return {
+        "overall": correct / max(total, 1),
+        "by_task": {t: c / n for t, (c, n) in sorted(by_task.items())},
+        "counts": {t: n for t, (_, n) in sorted(by_task.items())},
+    }
+
+
+@torch.no_grad()
+def evaluate_split(model, tokenizer, fmt, ds, cfg, device) -> dict:
+    """Everything eval/baseline report for one model on one (already capped) split.
+
+    Loss uses the training pipeline (same formatting, masking and collation); exact match is computed
+    only when rows carry a `task` column (the embedded data's checkable families), by greedy
+    generation in left-padded batches.
+    """
+    from llama_lora.data import make_collate, tokenize_dataset
+    from llama_lora.generation import generate_batched, generation_config
+
+    examples, _ = tokenize_dataset(ds, cfg.data, tokenizer, fmt, "test")
+    result = evaluate_loss(model, examples, make_collate(cfg.data.packing, tokenizer.pad_token_id),
+                           cfg.eval.batch_size, device)
+    result["examples"] = len(examples)
+    cols = cfg.data.columns
+    rows = [r for r in ds if str(r.get(cols.instruction) or "").strip() and str(r.get(cols.output) or "").strip()]
+    checkable = "task" in ds.column_names
+    gen_rows = rows if checkable else rows[: cfg.eval.num_samples]
+    prompts = [fmt.prompt(tokenizer, str(r[cols.instruction]).strip(), str(r.get(cols.input) or "").strip())
+               for r in gen_rows]
+    gen = generation_config(model, tokenizer, cfg.eval.max_new_tokens)
+    predictions = [p.strip() for p in generate_batched(model, tokenizer, prompts, gen, cfg.eval.batch_size)]
+    references = [str(r[cols.output]).strip() for r in gen_rows]
+    result["exact_match"] = (
+        exact_match_scores(predictions, references, [str(r["task"]) for r in gen_rows]) if checkable else None
+    )
+    result["samples"] = [
+        {"instruction": str(r[cols.instruction]).strip(), "input": str(r.get(cols.input) or "").strip(),
+         "reference": ref, "prediction": pred}
+        for r, ref, pred in list(zip(gen_rows, references, predictions))[: cfg.eval.num_samples]
+    ]
+    return result

@@ -26,21 +26,27 @@ class Capabilities:
 
     cuda: bool = False
     cuda_device_count: int = 0
-    cuda_bf16: bool = False
+    cuda_bf16: bool = False  # native bf16 (Ampere, cc >= 8.0, or ROCm); emulated bf16 does not count
     cuda_capability: tuple[int, int] = (0, 0)
     mps: bool = False
     flash_attn: bool = False
+    world_size: int = 1  # processes started by torchrun / accelerate launch
 
 
 def probe_capabilities() -> Capabilities:
     cuda = torch.cuda.is_available()
+    try:  # torch >= 2.3 reports emulated bf16 (pre-Ampere GPUs) as supported unless told not to: far too slow
+        bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:
+        bf16 = cuda and torch.cuda.is_bf16_supported()
     return Capabilities(
         cuda=cuda,
         cuda_device_count=torch.cuda.device_count() if cuda else 0,
-        cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
+        cuda_bf16=bf16,
         cuda_capability=torch.cuda.get_device_capability() if cuda else (0, 0),
         mps=bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available(),
         flash_attn=importlib.util.find_spec("flash_attn") is not None,
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
     )
 
 
@@ -60,7 +66,11 @@ class Runtime:
 
 
 def choose_runtime(training: TrainingConfig, model: ModelConfig, caps: Capabilities) -> Runtime:
-    """Pick device -> precision -> attention from the config and the machine (pure function)."""
+    """Pick device -> precision -> weights dtype -> attention -> CUDA extras (a pure function of its inputs).
+
+    Policy: the fast, safe choice for the machine unless the config asks otherwise; an explicit request
+    the machine cannot honour is an error that says what to use instead, never a silent fallback.
+    """
     device = training.device
     if device == "auto":
         device = "cuda" if caps.cuda else "mps" if caps.mps else "cpu"
@@ -68,28 +78,34 @@ def choose_runtime(training: TrainingConfig, model: ModelConfig, caps: Capabilit
         raise LlamaLoraError("training.device=cuda but no CUDA GPU is visible. Use training.device=auto or cpu.")
     if device == "mps" and not caps.mps:
         raise LlamaLoraError("training.device=mps but MPS is not available. Use training.device=auto or cpu.")
+    on_cuda = device == "cuda"
 
     precision = training.precision
     if precision == "auto":
-        if device == "cuda":
+        if on_cuda:
+            # bf16 has fp32's range (no loss scaling); pre-Ampere GPUs only have fast fp16.
             precision = "bf16" if caps.cuda_bf16 else "fp16"
         else:
-            # CPU bf16 matmuls are slow without AMX and MPS bf16 support is patchy: fp32 unless asked.
+            # CPU bf16 matmuls are slow without AMX and MPS half-precision autocast is patchy: fp32 unless asked.
             precision = "fp32"
-    if precision == "bf16" and device == "cuda" and not caps.cuda_bf16:
+    if precision == "bf16" and on_cuda and not caps.cuda_bf16:
         raise LlamaLoraError(
-            f"training.precision=bf16 but this GPU (compute capability {caps.cuda_capability}) has no bf16. "
-            "Use training.precision=fp16 or auto."
+            f"training.precision=bf16 but this GPU (compute capability {'%d.%d' % caps.cuda_capability}) has no "
+            "native bf16 (it needs 8.0+, Ampere or newer). Use training.precision=fp16 or auto."
         )
     if precision == "fp16" and device == "cpu":
-        raise LlamaLoraError("training.precision=fp16 is not supported on CPU. Use fp32 or bf16.")
+        raise LlamaLoraError("training.precision=fp16 is not supported on CPU. Use training.precision=fp32 or bf16.")
+    if model.dtype == "float16" and device == "cpu":
+        raise LlamaLoraError("model.dtype=float16 is not supported on CPU (half-precision CPU kernels are missing "
+                             "or slow). Use model.dtype=auto, float32 or bfloat16.")
 
     # Frozen weights are stored in the compute dtype (half the memory); the adapter stays fp32 (PEFT's
     # autocast_adapter_dtype) so its optimizer updates do not underflow.
     model_dtype = _DTYPES[model.dtype] if model.dtype != "auto" else _PRECISION_DTYPE[precision]
 
     attn = model.attn_implementation
-    fa_ok = device == "cuda" and caps.flash_attn and caps.cuda_capability >= (8, 0) and model_dtype != torch.float32
+    # FlashAttention 2 kernels exist for Ampere and newer (cc >= 8.0) and half-precision tensors only.
+    fa_ok = on_cuda and caps.flash_attn and caps.cuda_capability >= (8, 0) and model_dtype != torch.float32
     if attn == "auto":
         attn = "flash_attention_2" if fa_ok else "sdpa"
     elif attn == "flash_attention_2" and not fa_ok:
@@ -98,21 +114,45 @@ def choose_runtime(training: TrainingConfig, model: ModelConfig, caps: Capabilit
             "the flash-attn package (pip install 'llama-lora[flash]') and a bf16/fp16 model. "
             "Use model.attn_implementation=auto to fall back to SDPA."
         )
-    on_cuda = device == "cuda"
+
+    # CUDA-only speed-ups: fused AdamW kernels, pinned host memory for async copies, and TF32 tensor
+    # cores for the fp32 matmuls that remain (Ampere and newer only).
+    fused_adamw, pin_memory = on_cuda, on_cuda
+    tf32 = on_cuda and caps.cuda_capability >= (8, 0)
+    grad_scaler = precision == "fp16"
+
+    if on_cuda:
+        where = f"CUDA x{caps.cuda_device_count}, cc {'%d.%d' % caps.cuda_capability}"
+        if caps.world_size > 1:
+            where += f", {caps.world_size} processes"
+        elif caps.cuda_device_count > 1:
+            where += (f", 1 process: launch with torchrun --nproc_per_node {caps.cuda_device_count} "
+                      "or accelerate launch to use them all")
+    else:
+        where = "Apple MPS" if device == "mps" else "CPU"
+        if caps.cuda:
+            where += ", CUDA present but not chosen"
+        elif device == "cpu":
+            where += ", no CUDA" + ("" if caps.mps else " or MPS")
+        if caps.world_size > 1:
+            where += f", {caps.world_size} processes"
+    extras = [name for name, on in (("fp16 loss scaling", grad_scaler), ("fused AdamW", fused_adamw),
+                                    ("TF32", tf32), ("pinned memory", pin_memory)) if on]
     reason = (
-        f"device={device} ({'CUDA x%d, cc %d.%d' % (caps.cuda_device_count, *caps.cuda_capability) if on_cuda else 'no CUDA' if device == 'cpu' else 'Apple MPS'}), "
-        f"precision={precision} (requested {training.precision}), weights={str(model_dtype).removeprefix('torch.')}, "
-        f"attention={attn} (flash-attn {'installed' if caps.flash_attn else 'not installed'})"
+        f"device={device} ({where}), precision={precision} (requested {training.precision}), "
+        f"weights={str(model_dtype).removeprefix('torch.')}, attention={attn} "
+        f"(flash-attn {'installed' if caps.flash_attn else 'not installed'}), "
+        f"extras: {', '.join(extras) or 'none'}"
     )
     return Runtime(
         device=device,
         precision=precision,
         model_dtype=model_dtype,
         attn_implementation=attn,
-        grad_scaler=precision == "fp16",
-        pin_memory=on_cuda,
-        fused_adamw=on_cuda,
-        tf32=on_cuda and caps.cuda_capability >= (8, 0),
+        grad_scaler=grad_scaler,
+        pin_memory=pin_memory,
+        fused_adamw=fused_adamw,
+        tf32=tf32,
         reason=reason,
     )
 
@@ -123,6 +163,23 @@ def resolve_model_path(name_or_path: str) -> str:
         from llama_lora.embedded import ensure_base_model
 
         return str(ensure_base_model())
+    path = Path(name_or_path).expanduser()
+    # Checked here, before any loading, because transformers reports a missing local path as a bad
+    # hub id ("Repo id must be in the form ...") and an empty folder as a tokenizer problem.
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise LlamaLoraError(
+                f"model.name_or_path '{name_or_path}' does not exist or is not a directory. Give a local "
+                "model directory in transformers format, a hub id such as meta-llama/Llama-3.2-1B-Instruct, "
+                "or 'embedded'."
+            )
+        if not (path / "config.json").is_file():
+            raise LlamaLoraError(
+                f"model.name_or_path '{name_or_path}' is not a model directory in transformers format: it has "
+                "no config.json. Point it at the folder holding config.json, the tokenizer files and "
+                "*.safetensors (what save_pretrained writes)."
+            )
+        return str(path)
     return name_or_path
 
 
@@ -131,7 +188,15 @@ def hub_error(e: Exception, kind: str, name: str) -> LlamaLoraError:
     text = f"{type(e).__name__}: {e}".splitlines()[0]
     looks_local = name.startswith((".", "/", "~")) or os.sep in name and Path(name).expanduser().exists()
     if looks_local or Path(name).expanduser().exists():
-        return LlamaLoraError(f"Could not load the {kind} from the local path '{name}': {text}")
+        corrupt = any(w in text.lower() for w in ("safetensorerror", "deserializ", "header", "truncat"))
+        hint = (
+            "Its weights are not in safetensors format, and llama-lora never unpickles weights (a .bin "
+            "file can run code when loaded): convert it once with from_pretrained + save_pretrained."
+            if "no file named model.safetensors" in text.lower() else
+            "A weights file is corrupted or incomplete (an interrupted download or copy?): save or copy it again."
+            if corrupt else "Check that the folder holds a complete model written by save_pretrained."
+        )
+        return LlamaLoraError(f"Could not load the {kind} from the local path '{name}' ({text}). {hint}")
     gated = any(w in text.lower() for w in ("gated", "401", "403", "unauthorized", "restricted"))
     offline = any(w in text.lower() for w in ("connect", "resolve", "offline", "network", "timed out", "couldn't find"))
     hint = (
@@ -184,6 +249,7 @@ def load_model(name_or_path: str, model: ModelConfig, runtime: Runtime, training
             dtype=runtime.model_dtype,
             attn_implementation=runtime.attn_implementation,
             trust_remote_code=model.trust_remote_code,
+            use_safetensors=True,  # never unpickle weights: a .bin-only model is refused with an error
         )
     except Exception as e:
         raise hub_error(e, "model", name_or_path) from e

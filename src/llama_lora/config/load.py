@@ -64,6 +64,9 @@ def format_validation_error(e: ValidationError) -> str:
         ctx = err.get("ctx") or {}
         if "expected" in ctx and str(ctx["expected"]) not in err["msg"]:
             allowed = f"; allowed: {ctx['expected']}"
+        if path == "<root>":  # a cross-field rule: its message names the fields; the input is the whole config
+            parts.append(err["msg"].removeprefix("Value error, "))
+            continue
         parts.append(f"{path} = {value!r} is invalid: {err['msg']}{allowed}")
     return "Invalid configuration: " + "; ".join(parts) + "."
 

@@ -72,6 +72,11 @@ class DataConfig(_Strict):
         description="Padding-free batches: concatenate a micro-batch's examples into one row with "
         "per-example position_ids (no attention across examples).",
     )
+    group_by_length: bool = Field(
+        False,
+        description="When packing is off: batch examples of similar length together (sorted inside windows "
+        "of a seeded shuffle) so little padding is computed. Order still depends only on (seed, epoch).",
+    )
     num_proc: int = Field(1, ge=1, description="Processes for tokenization.")
 
 
@@ -85,6 +90,12 @@ class PeftConfig(_Strict):
     )
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023).")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    lean: bool = Field(
+        True,
+        description="Train through llama-lora's fused LoRA/DoRA step (kernels.py: one autograd node per layer, "
+        "DoRA norm from low-rank products without materialising B@A). Same parameters and saved PEFT files; "
+        "false uses PEFT's own forward.",
+    )
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -108,6 +119,17 @@ class TrainingConfig(_Strict):
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1 derives it from num_epochs.")
     micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass per device.")
     gradient_accumulation_steps: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
+    auto_batch_size: bool = Field(
+        False,
+        description="Pick the largest micro-batch the memory planner says fits (training.memory_budget_gb, "
+        "else the device's memory) and make up the configured global batch "
+        "(micro_batch_size x gradient_accumulation_steps) with gradient accumulation.",
+    )
+    memory_budget_gb: float | None = Field(
+        None, gt=0.0,
+        description="Memory budget in GiB for the planner (validate, auto_batch_size); None = the device's "
+        "memory (CUDA total, or system RAM on CPU/MPS).",
+    )
     learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
@@ -142,12 +164,81 @@ class EvalConfig(_Strict):
 
 
 class InferConfig(_Strict):
-    run_dir: str | None = Field(None, description="Run directory (adapter) or merged model; None = latest finished run.")
+    run_dir: str | None = Field(
+        None, description="Run directory (adapter) or merged model for infer, eval, merge and baseline "
+        "(CLI shorthand: run_dir=...); None = latest finished run under output_dir.",
+    )
     max_new_tokens: int = Field(256, ge=1, description="Most tokens to generate.")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(0.7, gt=0.0, description="Sampling temperature.")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     batch_size: int = Field(8, ge=1, description="Prompts per batch with --input-file.")
+
+
+class SearchRange(_Strict):
+    low: int | float = Field(description="Smallest value searched.")
+    high: int | float = Field(description="Largest value searched.")
+    log: bool = Field(False, description="Sample on a log scale (learning rates, ranks).")
+    step: int | float | None = Field(None, gt=0, description="Grid step inside [low, high]; None = continuous (floats).")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-scale range needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("a range is either log-scale or stepped, not both")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        """Both ends written as integers (e.g. peft.r: {low: 4, high: 32}) -> integer values."""
+        return isinstance(self.low, int) and isinstance(self.high, int) and not isinstance(self.step, float)
+
+
+class SearchConfig(_Strict):
+    n_trials: int = Field(
+        0, ge=0, description="Runs the Optuna search may spend; 0 = no search (run the `runs` / -m sweep grid)."
+    )
+    space: dict[str, list[str | int | float | bool] | SearchRange] = Field(
+        default_factory=dict,
+        description="Config key -> candidate values: a list (categorical, e.g. peft.r: [4, 8, 16]) or a range "
+        "{low, high, log, step} (integers when both ends are integers).",
+    )
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler: TPE (Bayesian) or random.")
+    seed: int = Field(0, description="Seed of the sampler, so a search is reproducible.")
+
+    @model_validator(mode="after")
+    def _space_when_on(self):
+        if self.n_trials and not self.space:
+            raise ValueError("experiment.search.n_trials > 0 needs a search space (experiment.search.space)")
+        for key, values in self.space.items():
+            if isinstance(values, list) and not values:
+                raise ValueError(f"experiment.search.space.{key} lists no values")
+        return self
+
+
+class ExperimentConfig(_Strict):
+    name: str | None = Field(
+        None, description="Folder under output_dir holding the experiment's runs and summary; None = the preset name."
+    )
+    evaluate: bool = Field(
+        True, description="Run `eval` on each finished run: exact match per task family where the data has "
+        "checkable answers (a `task` column, as the embedded data), test loss otherwise.",
+    )
+    metric: Literal["auto", "eval_loss", "exact_match"] = Field(
+        "auto", description="Metric compared, plotted and optimised: eval_loss (lower is better) or exact_match "
+        "(higher is better); 'auto' = exact_match when evaluated runs have it, else eval_loss.",
+    )
+    search: SearchConfig = Field(default_factory=SearchConfig, description="Optuna search instead of a fixed grid.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v):
+        if v is not None and (not v or "/" in v or v in {".", ".."}):
+            raise ValueError("must be a plain directory name (no '/')")
+        return v
 
 
 class Config(_Strict):
@@ -164,6 +255,9 @@ class Config(_Strict):
     runs: dict[str, list[str]] = Field(
         default_factory=dict,
         description="For 'experiment': named runs, each a list of Hydra overrides applied on top of this config.",
+    )
+    experiment: ExperimentConfig = Field(
+        default_factory=ExperimentConfig, description="For 'experiment': folder, evaluation, compared metric, search."
     )
 
     @field_validator("run_name")

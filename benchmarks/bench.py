@@ -1,0 +1,604 @@
+"""Side-by-side training benchmark: llama-lora vs TRL SFTTrainer vs transformers.Trainer + PEFT.
+
+One process, one command:
+
+    python benchmarks/bench.py                 # ~40M-parameter Llama, LoRA and DoRA (about 10 min on 2 cores)
+    python benchmarks/bench.py --quick         # tiny model, a few steps: a smoke test (under a minute)
+
+Every method trains the same steps on the same examples from the same initial weights, in blocks that
+alternate between methods:
+
+  (a) llama-lora with its defaults: the step train.py runs (packing + varlen attention, lean LoRA/DoRA,
+      fp32 on CPU, AdamW, clipping, loss = mean over the global batch's response tokens)
+  (b) TRL SFTTrainer with its defaults (prompt-completion data, bf16, gradient checkpointing, padding
+      to the longest example of each batch), given the same model, adapter and batch size
+  (c) transformers.Trainer + PEFT, every example padded to max_seq_length (512)
+  (d) the floor: the frozen model's forward + backward on llama-lora's batches (no adapter, no optimizer)
+
+For each: non-padding tokens/s (median over the measured steps after warm-up), the ratio to (b), peak
+tensor memory of one optimizer step (PyTorch's memory profiler, all tensors alive including weights and
+optimizer state), final training loss and effective model-FLOPs utilisation (see `flops_per_token`).
+A second part compares the memory planner's prediction with the measured peak for several llama-lora
+configurations, and a profile records where a llama-lora step spends its time.
+
+Results: benchmarks/results/bench[-quick].json and .md (the README's table is copied from the .md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+FULL = dict(
+    model=dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+               num_attention_heads=8, num_key_value_heads=4),
+    lengths=(32, 512), median_length=150, examples_per_step=16, micro=4, warmup=1, steps=5,
+)
+QUICK = dict(
+    model=dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2),
+    lengths=(16, 64), median_length=32, examples_per_step=4, micro=2, warmup=1, steps=2,
+)
+PAD, EOS = 0, 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model, tokenizer and data shared by every method.
+
+
+def build_model_dir(spec: dict, root: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**spec, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=None,
+                      eos_token_id=EOS, pad_token_id=PAD)
+    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    # A word-level tokenizer whose words are the token ids ("w123"), so TRL can tokenize text that
+    # maps 1:1 onto the token lists llama-lora trains on.
+    vocab = {"<pad>": PAD, "<eos>": EOS, "<unk>": 2} | {f"w{i}": i for i in range(3, spec["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast.save_pretrained(root / "model")
+    return root / "model"
+
+
+def make_examples(n: int, spec: dict, seed: int) -> list[dict]:
+    """Alpaca-like: log-normal lengths (median ~150 tokens, clipped to 32..512), 30-70% prompt, and a
+    response derived from the prompt (reversed) so the loss can fall."""
+    rng = random.Random(seed)
+    lo, hi = spec["lengths"]
+    vocab = spec["model"]["vocab_size"]
+    out = []
+    while len(out) < n:
+        length = int(rng.lognormvariate(math.log(spec["median_length"]), 0.6))
+        if not lo <= length <= hi:
+            continue
+        n_prompt = max(4, int(length * rng.uniform(0.3, 0.7)))
+        prompt = [min(vocab - 1, 3 + int(rng.paretovariate(1.1))) if rng.random() < 0.5 else rng.randrange(3, vocab)
+                  for _ in range(n_prompt)]
+        response = (prompt[::-1] * 8)[: length - n_prompt - 1] + [EOS]
+        out.append({"input_ids": prompt + response, "labels": [-100] * n_prompt + response,
+                    "prompt": " ".join(f"w{t}" for t in prompt) + " ",
+                    "completion": " ".join(f"w{t}" for t in response[:-1])})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measurement helpers.
+
+
+@dataclass
+class Result:
+    method: str
+    adapter: str
+    step_seconds: list[float] = field(default_factory=list)
+    step_tokens: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+    notes: str = ""
+
+    def tokens_per_second(self, warmup: int) -> float:
+        rates = [t / s for t, s in zip(self.step_tokens[warmup:], self.step_seconds[warmup:])]
+        return statistics.median(rates) if rates else float("nan")
+
+
+def matmul_flops(threads: int, n: int = 1536, repeats: int = 6) -> float:
+    """fp32 matmul FLOP/s on this machine now (best of a few; the utilisation denominator)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+def flops_per_token(model_cfg, adapter_params: int, mean_ctx: float) -> float:
+    """Effective model FLOPs per trained token, as the issue defines utilisation:
+    4 x frozen matmul params (forward + input gradient) + 6 x adapter params (forward + both gradients)
+    + attention (QK^T and PV, causal, forward + backward ~ 3x forward)."""
+    h, L, inter, v = model_cfg.hidden_size, model_cfg.num_hidden_layers, model_cfg.intermediate_size, model_cfg.vocab_size
+    hd = h // model_cfg.num_attention_heads
+    q, kv = model_cfg.num_attention_heads * hd, model_cfg.num_key_value_heads * hd
+    matmul = L * (h * q + 2 * h * kv + q * h + 3 * h * inter) + v * h  # layers + lm_head
+    attention = L * 3 * 2 * 2 * q * mean_ctx / 2
+    return 4 * matmul + 6 * adapter_params + attention
+
+
+def peak_memory(run_one_step, model, optimizer=None) -> int:
+    """Peak bytes of all tensors alive during one call (weights, optimizer state, activations...)."""
+    from llama_lora.planner import measure_peak_bytes
+
+    return measure_peak_bytes(run_one_step, model, optimizer)
+
+
+# ----------------------------------------------------------------------------------------------------
+# (a) llama-lora and (d) the floor: the step train.py runs, on the same components.
+
+
+def llama_lora_cfg(model_dir: Path, adapter: str, overrides: dict | None = None):
+    from llama_lora.config.schema import Config
+
+    cfg = Config(model={"name_or_path": str(model_dir)}, peft={"method": adapter}, training={"device": "cpu"})
+    for key, value in (overrides or {}).items():  # "data.packing": False, ...
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def llama_lora_setup(cfg, frozen: bool = False):
+    """Model, params and optimizer exactly as train.py sets them up (no Accelerator: one CPU process)."""
+    from llama_lora import data as data_lib, model as model_lib
+    from llama_lora.adapter import apply_adapter
+    from llama_lora.kernels import prepare_for_training
+
+    runtime = model_lib.choose_runtime(cfg.training, cfg.model, model_lib.probe_capabilities())
+    torch.manual_seed(cfg.training.seed)
+    model = model_lib.load_model(cfg.model.name_or_path, cfg.model, runtime, training=True)
+    if frozen:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # The floor still back-propagates through every layer, as an adapter in layer 0 would need.
+        model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+        prepare_for_training(model, cfg)
+        return model, [], None, data_lib.make_collate(cfg.data.packing, PAD)
+    model = apply_adapter(model, cfg.peft)
+    prepare_for_training(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    tc = cfg.training
+    opt = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay,
+                            betas=(tc.adam_beta1, tc.adam_beta2))
+    return model, params, opt, data_lib.make_collate(cfg.data.packing, PAD)
+
+
+def llama_lora_step(model, params, opt, collate, micro_batches, max_grad_norm: float) -> tuple[float, int]:
+    """One optimizer step as train.py's loop does it; returns (mean response-token loss, tokens)."""
+    from llama_lora.data import IGNORE_INDEX
+    from llama_lora.evaluate import response_loss_sum
+
+    count = sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for mb in micro_batches for e in mb)
+    total, tokens = 0.0, 0
+    for mb in micro_batches:
+        batch = collate(mb)
+        loss_sum, _ = response_loss_sum(model, batch)
+        (loss_sum / max(count, 1)).backward()
+        total += float(loss_sum.detach())
+        tokens += sum(len(e["input_ids"]) for e in mb)
+    if opt is not None:
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return total / max(count, 1), tokens
+
+
+def run_llama_lora(model_dir, adapter, steps, micro, frozen=False, overrides=None) -> Result:
+    cfg = llama_lora_cfg(model_dir, adapter, overrides)
+    model, params, opt, collate = llama_lora_setup(cfg, frozen)
+    model.train()
+    res = Result("(d) frozen floor" if frozen else "(a) llama-lora", "-" if frozen else adapter)
+    for step in steps:
+        mbs = [step[i : i + micro] for i in range(0, len(step), micro)]
+        t = time.perf_counter()
+        loss, tokens = llama_lora_step(model, params, opt, collate, mbs, cfg.training.max_grad_norm)
+        res.step_seconds.append(time.perf_counter() - t)
+        res.step_tokens.append(tokens)
+        res.losses.append(loss)
+        if frozen:
+            model.zero_grad(set_to_none=True)
+    last = [steps[-1][i : i + micro] for i in range(0, len(steps[-1]), micro)]
+    res.peak_bytes = peak_memory(lambda: llama_lora_step(model, params, opt, collate, last, cfg.training.max_grad_norm),
+                                 model, opt)
+    del model, opt
+    gc.collect()
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# (b) TRL and (c) transformers.Trainer: their own loops, timed per optimizer step by a callback.
+
+
+def _trainer_callback(res: Result, counter: dict, profile_last: bool):
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            counter["tokens"] = 0
+            if profile_last and state.global_step == args.max_steps - 1:
+                counter["profiling"] = True
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            res.step_seconds.append(time.perf_counter() - self.t)
+            res.step_tokens.append(counter["tokens"])
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                res.losses.append(float(logs["loss"]))
+
+    return Timer()
+
+
+def _count_tokens(model, counter: dict):
+    def hook(module, args, kwargs):
+        if kwargs.get("attention_mask") is not None:
+            counter["tokens"] += int(kwargs["attention_mask"].sum())
+        elif kwargs.get("position_ids") is not None:
+            counter["tokens"] += int(kwargs["position_ids"].numel())
+        else:
+            counter["tokens"] += int(kwargs["input_ids"].numel())
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def run_trl(model_dir, adapter, steps, micro, out_dir) -> Result:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from llama_lora.adapter import lora_config
+    from llama_lora.config.schema import PeftConfig
+
+    res = Result("(b) TRL SFTTrainer", adapter)
+    examples = [e for step in steps for e in step]
+    ds = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
+    per_step = len(steps[0])
+    args = SFTConfig(  # TRL's defaults except what must match: batch, steps, no saving/logging services
+        output_dir=str(out_dir / "trl"), per_device_train_batch_size=micro, gradient_accumulation_steps=per_step // micro,
+        max_steps=len(steps), logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
+        use_cpu=True, seed=0,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_cfg: LoraConfig = lora_config(PeftConfig(method=adapter))
+    counter = {"tokens": 0}
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(model_dir),
+                         peft_config=peft_cfg, callbacks=[_trainer_callback(res, counter, False)])
+    hook = _count_tokens(trainer.model, counter)
+    trainer.train()
+    res.notes = f"bf16={args.bf16}, gradient_checkpointing={args.gradient_checkpointing}, lr={args.learning_rate}"
+    res.peak_bytes = _trainer_peak(trainer, counter)
+    hook.remove()
+    del trainer, model
+    gc.collect()
+    return res
+
+
+def run_trainer_padded(model_dir, adapter, steps, micro, out_dir, max_len=512) -> Result:
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
+
+    from llama_lora.adapter import lora_config
+    from llama_lora.config.schema import PeftConfig
+
+    res = Result("(c) Trainer+PEFT, padded", adapter)
+    rows = []
+    for step in steps:
+        for e in step:
+            n = len(e["input_ids"])
+            rows.append({"input_ids": e["input_ids"] + [PAD] * (max_len - n), "attention_mask": [1] * n + [0] * (max_len - n),
+                         "labels": e["labels"] + [-100] * (max_len - n)})
+    per_step = len(steps[0])
+    args = TrainingArguments(output_dir=str(out_dir / "trainer"), per_device_train_batch_size=micro,
+                             gradient_accumulation_steps=per_step // micro, max_steps=len(steps), logging_steps=1,
+                             save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, seed=0,
+                             learning_rate=2e-4, remove_unused_columns=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.config.use_cache = False
+    model = get_peft_model(model, lora_config(PeftConfig(method=adapter)))
+    counter = {"tokens": 0}
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=default_data_collator,
+                      callbacks=[_trainer_callback(res, counter, False)])
+    hook = _count_tokens(trainer.model, counter)
+    trainer.train()
+    res.notes = f"padded to {max_len}, fp32"
+    res.peak_bytes = _trainer_peak(trainer, counter)
+    hook.remove()
+    del trainer, model
+    gc.collect()
+    return res
+
+
+def _trainer_peak(trainer, counter) -> int:
+    """Peak memory of one more optimizer step of a Trainer (same micro-batches as a training step)."""
+    model, opt = trainer.model_wrapped, trainer.optimizer
+    loader = trainer.get_train_dataloader()
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == trainer.args.gradient_accumulation_steps:
+            break
+
+    def step():
+        model.train()
+        for b in batches:
+            loss = trainer.training_step(model, b, None)
+            del loss
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return peak_memory(step, model, opt)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Planner vs measured, and the profile of a llama-lora step.
+
+
+def planner_checks(model_dir, steps, micro) -> list[dict]:
+    from transformers import AutoConfig
+
+    from llama_lora.planner import plan_memory
+
+    mc = AutoConfig.from_pretrained(model_dir)
+    step = steps[-1]
+    configs = [
+        ("lora, packed", "lora", {}),
+        ("dora, packed", "dora", {}),
+        ("lora, padded (no packing)", "lora", {"data.packing": False}),
+        ("lora, packed, gradient checkpointing", "lora", {"model.gradient_checkpointing": True}),
+        ("lora, packed, PEFT forward (lean off)", "lora", {"peft.lean": False}),
+    ]
+    out = []
+    for name, adapter, overrides in configs:
+        cfg = llama_lora_cfg(model_dir, adapter, overrides)
+        model, params, opt, collate = llama_lora_setup(cfg)
+        model.train()
+        mbs = [step[i : i + micro] for i in range(0, len(step), micro)]
+        llama_lora_step(model, params, opt, collate, mbs, 1.0)  # optimizer state exists from here on
+        measured = peak_memory(lambda: llama_lora_step(model, params, opt, collate, mbs, 1.0), model, opt)
+        # Plan for the largest micro-batch of the step (the peak is reached in one forward/backward).
+        big = max(mbs, key=lambda mb: sum(len(e["input_ids"]) for e in mb) if cfg.data.packing
+                  else len(mb) * max(len(e["input_ids"]) for e in mb))
+        tokens = sum(len(e["input_ids"]) for e in big) if cfg.data.packing else len(big) * max(len(e["input_ids"]) for e in big)
+        loss_tokens = sum(sum(l != -100 for l in e["labels"][1:]) for e in big) if cfg.data.packing else None
+        plan = plan_memory(cfg, mc, "cpu", len(big), tokens_per_micro_batch=tokens,
+                           rows_per_micro_batch=1 if cfg.data.packing else len(big),
+                           loss_tokens_per_micro_batch=loss_tokens if loss_tokens is not None else _padded_keep(big))
+        out.append({"config": name, "predicted_bytes": plan.tensor_bytes, "measured_bytes": measured,
+                    "error": plan.tensor_bytes / measured - 1, "breakdown": plan.breakdown})
+        del model, opt
+        gc.collect()
+    return out
+
+
+def _padded_keep(mb) -> int:
+    """Logit rows computed for a padded batch: rows x positions where any row has a label."""
+    width = max(len(e["input_ids"]) for e in mb)
+    keep = set()
+    for e in mb:
+        keep |= {i for i, label in enumerate(e["labels"][1:]) if label != -100}
+    return len(mb) * len(keep & set(range(width)))
+
+
+def profile_step(model_dir, steps, micro, adapter="lora") -> dict:
+    """Where one llama-lora optimizer step spends its time (wall seconds per step, mean of 3 steps).
+
+    The loss over the vocabulary (lm_head on the kept positions + cross-entropy, forward and backward)
+    is also timed on its own, on the same shapes, and reported as a part of forward + backward.
+    """
+    import torch.nn.functional as F
+
+    from llama_lora.evaluate import response_loss_sum
+
+    cfg = llama_lora_cfg(model_dir, adapter)
+    model, params, opt, collate = llama_lora_setup(cfg)
+    model.train()
+    parts = {"data (collate)": 0.0, "forward": 0.0, "backward": 0.0, "optimizer (clip + AdamW)": 0.0}
+    vocab_part = 0.0
+    head = model.get_base_model().lm_head.weight
+    for step in steps[:3]:
+        for mb in [step[i : i + micro] for i in range(0, len(step), micro)]:
+            t0 = time.perf_counter()
+            batch = collate(mb)
+            t1 = time.perf_counter()
+            loss_sum, n = response_loss_sum(model, batch)
+            t2 = time.perf_counter()
+            loss_sum.backward()
+            t3 = time.perf_counter()
+            parts["data (collate)"] += t1 - t0
+            parts["forward"] += t2 - t1
+            parts["backward"] += t3 - t2
+            hidden = torch.randn(n, head.shape[1], requires_grad=True)
+            targets = torch.randint(0, head.shape[0], (n,))
+            t4 = time.perf_counter()
+            F.cross_entropy((hidden @ head.t()).float(), targets, reduction="sum").backward()
+            vocab_part += time.perf_counter() - t4
+        t5 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        parts["optimizer (clip + AdamW)"] += time.perf_counter() - t5
+    total = sum(parts.values())
+    out = {k: {"seconds": v / 3, "share": v / total} for k, v in parts.items()}
+    out["of which: loss over the vocabulary (lm_head + cross-entropy, fwd+bwd)"] = {
+        "seconds": vocab_part / 3, "share": vocab_part / total}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model and few steps (smoke test)")
+    ap.add_argument("--steps", type=int, help="measured optimizer steps per method (after warm-up)")
+    ap.add_argument("--adapters", default="lora,dora")
+    ap.add_argument("--methods", default="a,b,c,d", help="subset of a,b,c,d")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--no-planner", action="store_true")
+    args = ap.parse_args(argv)
+
+    spec = QUICK if args.quick else FULL
+    steps_n = spec["warmup"] + (args.steps or spec["steps"])
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    import datasets
+
+    datasets.disable_progress_bars()
+
+    tmp = Path(tempfile.mkdtemp(prefix="llama-lora-bench-"))
+    model_dir = build_model_dir(spec["model"], tmp)
+    per_step = spec["examples_per_step"]
+    examples = make_examples(steps_n * per_step, spec, seed=1)
+    steps = [examples[i * per_step : (i + 1) * per_step] for i in range(steps_n)]
+    micro = spec["micro"]
+    from transformers import AutoConfig
+
+    mc = AutoConfig.from_pretrained(model_dir)
+    n_params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(mc).parameters())
+    print(f"model: Llama {n_params / 1e6:.1f}M parameters ({spec['model']}), {steps_n} steps x {per_step} examples "
+          f"(micro-batch {micro}), mean length {statistics.mean(len(e['input_ids']) for e in examples):.0f} tokens, "
+          f"{args.threads} threads", flush=True)
+
+    peaks = [matmul_flops(args.threads)]
+    results: list[Result] = []
+    methods = args.methods.split(",")
+    for adapter in args.adapters.split(","):
+        for m in methods:  # one block per method, alternating; the FLOP/s probe runs between blocks
+            t = time.perf_counter()
+            if m == "a":
+                r = run_llama_lora(model_dir, adapter, steps, micro)
+            elif m == "b":
+                r = run_trl(model_dir, adapter, steps, micro, tmp)
+            elif m == "c":
+                r = run_trainer_padded(model_dir, adapter, steps, micro, tmp)
+            elif m == "d":
+                if any(x.method.startswith("(d)") for x in results):
+                    continue
+                r = run_llama_lora(model_dir, adapter, steps, micro, frozen=True)
+            else:
+                raise SystemExit(f"unknown method {m}")
+            results.append(r)
+            peaks.append(matmul_flops(args.threads))
+            print(f"  {r.method:<28} {r.adapter:<5} {r.tokens_per_second(spec['warmup']):8.0f} tokens/s "
+                  f"({time.perf_counter() - t:.0f}s)", flush=True)
+
+    peak_flops = statistics.median(peaks)
+    report = summarise(results, spec, mc, peak_flops, steps, args)
+    if not args.no_planner and "a" in methods:
+        report["planner"] = planner_checks(model_dir, steps, micro)
+        report["profile"] = profile_step(model_dir, steps, micro)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "bench-quick" if args.quick else "bench"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    md = to_markdown(report)
+    (args.out / f"{stem}.md").write_text(md)
+    print(md)
+    return report
+
+
+def summarise(results, spec, mc, peak_flops, steps, args) -> dict:
+    from llama_lora.planner import _model_shapes, _targets  # adapter size by the planner's own count
+
+    lengths = [len(e["input_ids"]) for step in steps for e in step]
+    mean_ctx = sum(n * n for n in lengths) / sum(lengths)  # token-weighted example length
+    rows = []
+    trl = {r.adapter: r.tokens_per_second(spec["warmup"]) for r in results if r.method.startswith("(b)")}
+    for r in results:
+        tps = r.tokens_per_second(spec["warmup"])
+        adapter_params = 0
+        if r.adapter != "-":
+            from llama_lora.config.schema import Config
+
+            cfg = Config(peft={"method": r.adapter})
+            _, linears = _model_shapes(type(mc), mc.to_json_string(use_diff=False))
+            adapter_params = sum(cfg.peft.r * (m.in_features + m.out_features) + (m.out_features if r.adapter == "dora" else 0)
+                                 for m in _targets(cfg, linears))
+        ref = trl.get(r.adapter) or trl.get("lora")
+        rows.append({
+            "method": r.method, "adapter": r.adapter, "tokens_per_second": tps,
+            "ratio_to_trl": tps / ref if ref else None,
+            "peak_memory_mb": r.peak_bytes / 2**20 if r.peak_bytes else None,
+            "final_loss": r.losses[-1] if r.losses else None,
+            "effective_mfu": flops_per_token(mc, adapter_params, mean_ctx) * tps / peak_flops,
+            "step_seconds": r.step_seconds, "step_tokens": r.step_tokens, "notes": r.notes,
+        })
+    return {
+        "command": "python benchmarks/bench.py" + (" --quick" if args.quick else ""),
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                    "load_average_at_end": os.getloadavg(), "torch": torch.__version__},
+        "fp32_matmul_gflops": peak_flops / 1e9, "warmup_steps": spec["warmup"],
+        "measured_steps": len(steps) - spec["warmup"], "examples_per_step": len(steps[0]), "micro_batch": spec["micro"],
+        "rows": rows,
+    }
+
+
+def to_markdown(report: dict) -> str:
+    lines = [
+        f"Command: `{report['command']}`; {report['machine']['threads']} threads, fp32 matmul "
+        f"{report['fp32_matmul_gflops']:.0f} GFLOP/s, load average at end {report['machine']['load_average_at_end'][0]:.1f}; "
+        f"{report['measured_steps']} measured steps (median) after {report['warmup_steps']} warm-up, "
+        f"{report['examples_per_step']} examples per step (micro-batch {report['micro_batch']}).",
+        "",
+        "| method | adapter | non-padding tokens/s | vs TRL | peak memory (MiB) | final loss | effective MFU |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['adapter']} | {r['tokens_per_second']:.0f} | "
+            f"{r['ratio_to_trl'] or float('nan'):.2f}x | {r['peak_memory_mb'] or float('nan'):.0f} | "
+            f"{r['final_loss'] if r['final_loss'] is not None else float('nan'):.3f} | {r['effective_mfu']:.2f} |"
+        )
+    if report.get("planner"):
+        lines += ["", "| llama-lora configuration | planner (MiB) | measured (MiB) | error |", "|---|---:|---:|---:|"]
+        for p in report["planner"]:
+            lines.append(f"| {p['config']} | {p['predicted_bytes'] / 2**20:.0f} | {p['measured_bytes'] / 2**20:.0f} | "
+                         f"{100 * p['error']:+.1f}% |")
+    if report.get("profile"):
+        lines += ["", "| llama-lora step part | seconds | share |", "|---|---:|---:|"]
+        for k, v in report["profile"].items():
+            lines.append(f"| {k} | {v['seconds']:.3f} | {100 * v['share']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main(sys.argv[1:])

@@ -1,0 +1,657 @@
+"""`llama-lora experiment`: run several configurations one after another, compare them, plot them.
+
+  llama-lora experiment experiment=compare_lora_dora            a preset's named runs (its `runs:` grid)
+  llama-lora experiment -m peft=lora,dora peft.r=4,8 [k=v ...]   a Hydra sweep: the cartesian product
+  llama-lora experiment experiment=search_quickstart            an Optuna search (experiment.search)
+
+Every run is an ordinary run directory, <output_dir>/<experiment name>/<run name>/, trained in this
+process by train.run (and scored by eval.run when experiment.evaluate is on). Beside the runs:
+summary.{csv,json,md}, eval_loss.png (all eval-loss curves on one chart), metric.png (the compared
+metric per run) and plot_data.json (the plotted numbers). A run that fails is recorded with its error and
+the others go on; running the same experiment again skips finished runs and redoes failed or unfinished
+ones (train resumes those from their newest checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import io
+import itertools
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from llama_lora import artifacts
+from llama_lora.artifacts import RunDir
+from llama_lora.config.load import _hydra_message, compose_dict, load_config_file, validate
+from llama_lora.config.schema import Config, SearchRange
+from llama_lora.errors import LlamaLoraError
+
+log = logging.getLogger("llama_lora.experiment")
+
+# Config groups a run may switch (peft=dora); the preset itself (experiment=...) is fixed per experiment.
+GROUPS = ("model", "data", "peft", "training")
+# Fields that say how to run or report the experiment, not how a run trains: changing them never
+# makes a finished run stale.
+NOT_TRAINING = ("overwrite", "runs", "experiment", "eval", "infer")
+COLUMNS = ("run", "status", "overrides", "train_loss", "eval_loss", "exact_match", "trainable_params",
+           "tokens_per_second", "peak_memory_mb", "wall_time_s", "error", "run_dir")
+LOWER_IS_BETTER = {"eval_loss": True, "exact_match": False}
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Run the experiment `cfg` describes (cfg.runs, or cfg.experiment.search); return the summary."""
+    exp_dir = Path(cfg.output_dir) / (cfg.experiment.name or cfg.preset)
+    search = cfg.experiment.search
+    if not cfg.runs and not search.n_trials:
+        raise LlamaLoraError(
+            "This experiment has no runs. Pick a preset (llama-lora experiment experiment=compare_lora_dora), "
+            "sweep with -m (llama-lora experiment -m peft=lora,dora peft.r=4,8), or set "
+            "experiment.search.n_trials and experiment.search.space for an Optuna search."
+        )
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    log.info("Experiment %s: %s", exp_dir,
+             f"Optuna search, {search.n_trials} trials" if search.n_trials else f"{len(cfg.runs)} runs")
+    rows: list[dict[str, Any]] = []
+    try:
+        if search.n_trials:
+            if cfg.runs:
+                log.warning("experiment.search is on: the %d runs in `runs` are not used", len(cfg.runs))
+            _search(cfg, exp_dir, rows)
+        else:
+            for name, overrides in cfg.runs.items():
+                run_one(cfg, exp_dir, name, overrides, rows)
+                write_tables(exp_dir, rows, cfg)  # a crash or kill still leaves the summary so far
+    except BaseException:  # an interrupt (train checkpointed the current run) or a bug: keep what was done
+        if rows:
+            write_tables(exp_dir, rows, cfg)
+        raise
+    return summarize(exp_dir, rows, cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One run: compose its config, skip it if already done, train, evaluate; never raise for a run's failure.
+
+
+def run_one(base: Config, exp_dir: Path, name: str, overrides: list[str], rows: list) -> dict[str, Any]:
+    """Train (or skip) one run and append its summary row to `rows` (first, so an interrupt keeps it)."""
+    row: dict[str, Any] = dict.fromkeys(COLUMNS) | {"run": name, "overrides": " ".join(overrides),
+                                                     "run_dir": str(exp_dir / name)}
+    rows.append(row)
+    run_dir = RunDir(exp_dir / name)
+    t0, training = time.time(), False
+    try:
+        cfg = compose_run(base, overrides)
+        cfg.output_dir, cfg.run_name = str(exp_dir), name
+        if run_dir.is_finished() and not cfg.overwrite:
+            _check_same_config(run_dir, cfg)
+            row["status"] = "skipped"
+            log.info("Run %s: finished earlier, skipped", name)
+        else:
+            log.info("Run %s: training with %s", name, overrides or "the base config")
+            training = True
+            _train(cfg)
+            row["status"] = "finished"
+        row |= _metrics(run_dir)
+    except (KeyboardInterrupt, SystemExit):
+        row |= {"status": "interrupted", "error": "interrupted (run the experiment again to resume)"}
+        raise
+    except Exception as e:  # noqa: BLE001 - the point: one broken run must not stop the others
+        row |= {"status": "failed", "error": _one_line(e), "wall_time_s": round(time.time() - t0, 1)}
+        if not isinstance(e, LlamaLoraError):
+            log.exception("Run %s failed", name)  # unexpected (OOM, a bug): the traceback helps
+        log.error("Run %s failed: %s", name, row["error"])
+        if training and run_dir.status_file.is_file() and not run_dir.is_finished():
+            run_dir.set_status("failed", error=row["error"])  # for infer/eval/`ls`: this run is not usable
+        _free_memory()
+        return row
+    if base.experiment.evaluate:
+        try:
+            row["exact_match"] = _evaluate(cfg, run_dir, exp_dir)
+        except Exception as e:  # noqa: BLE001 - the run itself is fine; report the missing score
+            row["error"] = f"eval failed: {_one_line(e)}"
+            log.error("Run %s: evaluation failed: %s", name, row["error"])
+            _free_memory()
+    return row
+
+
+def compose_run(base: Config, overrides: list[str]) -> Config:
+    """`base` with a run's Hydra overrides on top, groups included (peft=dora merges conf/peft/dora.yaml).
+
+    The base config is registered as a primary config whose defaults list is just [_self_]; a group
+    override becomes an addition to that list (+peft=dora), so the group's YAML lands on top of the
+    base exactly as it lands on top of the schema defaults in a normal composition.
+    """
+    parsed = _parse(overrides)
+    hydra_overrides = []
+    for o in parsed:
+        key = o.key_or_group
+        if o.is_sweep_override():
+            raise LlamaLoraError(f"The run override '{o.input_line}' is a sweep; a run takes single values "
+                                 "(sweep with `llama-lora experiment -m ...` instead).")
+        if key == "experiment" or key.startswith("experiment/"):
+            raise LlamaLoraError(f"The run override '{o.input_line}' selects a preset; a run can only change "
+                                 "fields and the groups model=, data=, peft=, training=.")
+        is_group = key in GROUPS and o.package is None
+        hydra_overrides.append(f"+{o.input_line}" if is_group and not o.input_line.startswith(("+", "~")) else
+                               o.input_line)
+    node = base.model_dump(mode="json") | {"runs": {}}
+    ConfigStore.instance().store(name="_experiment_run", node={"defaults": ["_self_"], **node})
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="llama_lora.conf", version_base=None):
+            composed = compose(config_name="_experiment_run", overrides=hydra_overrides)
+    except Exception as e:  # Hydra raises several exception types for bad overrides
+        raise LlamaLoraError(f"Could not apply the overrides {overrides}: {_hydra_message(e)}") from e
+    finally:
+        GlobalHydra.instance().clear()
+    return validate(OmegaConf.to_container(composed, resolve=True))
+
+
+def _parse(overrides: list[str]):
+    try:
+        return OverridesParser.create().parse_overrides(list(overrides))
+    except Exception as e:
+        raise LlamaLoraError(f"Could not parse the overrides {list(overrides)}: {_hydra_message(e)}") from e
+
+
+def _check_same_config(run_dir: RunDir, cfg: Config) -> None:
+    """A finished run is reused only if it was trained with this very configuration."""
+    old = _flatten(_training_part(load_config_file(run_dir.config).model_dump(mode="json")))
+    new = _flatten(_training_part(cfg.model_dump(mode="json")))
+    diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k)]
+    if diff:
+        raise LlamaLoraError(
+            f"{run_dir.path} holds a finished run trained with another configuration ({'; '.join(diff[:4])}). "
+            "Give this experiment another folder (experiment.name=...), or pass overwrite=true to retrain."
+        )
+
+
+def _training_part(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in NOT_TRAINING}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _train(cfg: Config) -> None:
+    from llama_lora import train
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    _reset_for_next_run()
+    try:
+        train.run(cfg)
+    finally:
+        # train restores these itself when it ends normally; after an exception its handler would stay.
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        # train logs into the run's train.log; later runs and the summary must not.
+        logger = logging.getLogger("llama_lora")
+        for h in [h for h in logger.handlers if getattr(h, "_llama_lora_run_log", False)]:
+            logger.removeHandler(h)
+            h.close()
+
+
+def _reset_for_next_run() -> None:
+    """Each run measures its own peak memory and builds its own accelerate state."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:  # Linux: "5" resets the process's peak RSS, which train reports as peak memory on CPU
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # never tear down a real distributed group
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _require(module: str, purpose: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise LlamaLoraError(f"{purpose} needs the '{module}' package, which is not installed: "
+                             f"pip install {module} (or pip install -e '.[dev]').") from e
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or "(no message)"
+    return text if isinstance(e, LlamaLoraError) else f"{type(e).__name__}: {text[:500]}"
+
+
+def _metrics(run_dir: RunDir) -> dict[str, Any]:
+    m = artifacts.read_json(run_dir.metrics)
+    keys = ("train_loss", "eval_loss", "trainable_params", "tokens_per_second", "peak_memory_mb", "wall_time_s")
+    return {k: m.get(k) for k in keys}
+
+
+def _evaluate(cfg: Config, run_dir: RunDir, exp_dir: Path) -> float | None:
+    """Exact match (overall) from the eval command, run unless an eval.json with these settings exists."""
+    from llama_lora import eval as eval_cmd
+
+    eval_file = run_dir.path / "eval.json"
+    if eval_file.is_file():
+        result = artifacts.read_json(eval_file)
+        if result.get("settings", {}).get("max_new_tokens") != cfg.eval.max_new_tokens:
+            result = None
+    else:
+        result = None
+    if result is None:
+        eval_cfg = cfg.model_copy(deep=True)
+        eval_cfg.infer.run_dir = str(run_dir.path)
+        result = eval_cmd.run(eval_cfg)
+        # The base model scores the same for every run of the experiment: eval reads this file (when the
+        # settings match) instead of evaluating the base model again for each run.
+        shared = eval_cmd.baseline_path(exp_dir, cfg.preset)
+        if not shared.is_file():
+            artifacts.write_json(shared, {"settings": result["settings"], "baseline": result["baseline"]})
+    em = (result.get("finetuned") or {}).get("exact_match")
+    return em["overall"] if em else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Search: Optuna's ask/tell loop, one run per trial. search.json records each trial's parameters before
+# it runs, so a re-run replays them: finished trials are told to the study without training, failed or
+# unfinished ones run again, then new trials fill the budget.
+
+
+def _search(cfg: Config, exp_dir: Path, rows: list[dict[str, Any]]) -> None:
+    optuna = _require("optuna", "the Optuna search (experiment.search)")
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our log lines already narrate each trial
+    sc = cfg.experiment.search
+    metric = _search_metric(cfg)
+    distributions = {key: _distribution(space) for key, space in sc.space.items()}
+    state_file = exp_dir / "search.json"
+    trials = artifacts.read_json(state_file)["trials"] if state_file.is_file() else []
+    # A continued search must not replay the fresh sampler's first draws: offset the seed by the trials done.
+    seed = sc.seed + len(trials)
+    sampler = (optuna.samplers.TPESampler(seed=seed) if sc.sampler == "tpe"
+               else optuna.samplers.RandomSampler(seed=seed))
+    study = optuna.create_study(direction="minimize" if LOWER_IS_BETTER[metric] else "maximize", sampler=sampler)
+    for t in trials:
+        if set(t["params"]) != set(distributions):
+            raise LlamaLoraError(
+                f"{exp_dir} holds a search over {sorted(t['params'])}, not {sorted(distributions)}. Give this "
+                "search another folder (experiment.name=...) or remove the old one."
+            )
+    log.info("Search: %d trials, optimising %s (%s)", sc.n_trials, metric, study.direction.name.lower())
+
+    def record() -> None:
+        artifacts.write_json(state_file, {"metric": metric, "direction": study.direction.name.lower(),
+                                          "space": {k: _space_json(v) for k, v in sc.space.items()}, "trials": trials})
+
+    def run_trial(name: str, params: dict[str, Any], trial=None) -> None:
+        row = run_one(cfg, exp_dir, name, [f"{k}={_override_value(v)}" for k, v in params.items()], rows)
+        write_tables(exp_dir, rows, cfg)
+        value = row.get(metric)
+        ok = row["status"] in ("finished", "skipped") and value is not None
+        if trial is not None and ok:
+            study.tell(trial, value)
+        elif trial is not None:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            try:
+                study.add_trial(optuna.trial.create_trial(
+                    params=params, distributions=distributions, value=value if ok else None,
+                    state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL))
+            except ValueError as e:  # a recorded value outside the (changed) space
+                raise LlamaLoraError(f"Trial {name} in {state_file} does not fit the search space ({e}). Give "
+                                     "this search another folder (experiment.name=...).") from e
+
+    for t in trials:  # replay: skipped if finished, trained again if failed or unfinished
+        run_trial(t["run"], t["params"])
+    while len(trials) < sc.n_trials:
+        trial = study.ask(distributions)
+        params = {k: _round(v, distributions[k]) for k, v in trial.params.items()}
+        trials.append({"run": f"trial-{len(trials):03d}", "params": params})
+        record()  # before training: a killed trial is resumed with the same parameters
+        run_trial(trials[-1]["run"], params, trial)
+    record()
+
+
+def _search_metric(cfg: Config) -> str:
+    """The objective must be fixed before the first trial: 'auto' looks at the data for checkable answers."""
+    metric = cfg.experiment.metric
+    if metric != "auto":
+        if metric == "exact_match" and not cfg.experiment.evaluate:
+            raise LlamaLoraError("experiment.metric=exact_match needs experiment.evaluate=true (eval computes it).")
+        return metric
+    if cfg.experiment.evaluate:
+        try:
+            from llama_lora.eval import test_split
+
+            if "task" in test_split(cfg).column_names:
+                return "exact_match"
+        except Exception as e:  # noqa: BLE001 - the runs will report a data problem themselves
+            log.warning("Could not inspect the test split (%s); optimising eval_loss", _one_line(e))
+    return "eval_loss"
+
+
+def _distribution(space: list | SearchRange):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if isinstance(space, list):
+        return CategoricalDistribution(space)
+    if space.is_int:
+        return IntDistribution(int(space.low), int(space.high), log=space.log, step=int(space.step or 1))
+    return FloatDistribution(float(space.low), float(space.high), log=space.log, step=space.step)
+
+
+def _round(value: Any, dist) -> Any:
+    """Continuous floats to 4 significant digits: readable overrides (lr=0.001605), same results."""
+    from optuna.distributions import FloatDistribution
+
+    if isinstance(dist, FloatDistribution) and dist.step is None:
+        return min(max(float(f"{value:.4g}"), dist.low), dist.high)
+    return value
+
+
+def _space_json(space: list | SearchRange) -> Any:
+    return space if isinstance(space, list) else space.model_dump()
+
+
+def _override_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The summary: table, files, plots.
+
+
+def best_run(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    scored = [r for r in rows if r["status"] in ("finished", "skipped") and _number(r.get(metric)) is not None]
+    if not scored:
+        return None
+    # Ties (e.g. every run at 0% exact match early on) go to the lower eval loss.
+    sign = 1 if LOWER_IS_BETTER[metric] else -1
+    return min(scored, key=lambda r: (sign * r[metric], _number(r.get("eval_loss")) or math.inf))
+
+
+def resolve_metric(cfg: Config, rows: list[dict[str, Any]]) -> str:
+    if cfg.experiment.metric != "auto":
+        return cfg.experiment.metric
+    return "exact_match" if any(r.get("exact_match") is not None for r in rows) else "eval_loss"
+
+
+def write_tables(exp_dir: Path, rows: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
+    """summary.json / .csv / .md (atomically: a reader never sees half a file)."""
+    metric = resolve_metric(cfg, rows)
+    best = best_run(rows, metric)
+    summary = {
+        "experiment": exp_dir.name, "dir": str(exp_dir), "metric": metric,
+        "direction": "minimize" if LOWER_IS_BETTER[metric] else "maximize",
+        "best": best["run"] if best else None,
+        "mode": "search" if cfg.experiment.search.n_trials else "grid",
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": rows,
+    }
+    artifacts.write_json(exp_dir / "summary.json", summary)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows({k: "" if r.get(k) is None else r[k] for k in COLUMNS} for r in rows)
+    artifacts.write_text(exp_dir / "summary.csv", buf.getvalue())
+    artifacts.write_text(exp_dir / "summary.md", to_markdown(summary))
+    return summary
+
+
+def summarize(exp_dir: Path, rows: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
+    summary = write_tables(exp_dir, rows, cfg)
+    summary["plots"] = plot(exp_dir, rows, summary["metric"])
+    print_table(summary)
+    failed = [r["run"] for r in rows if r["status"] == "failed"]
+    log.info("Experiment %s: %d runs, %d failed%s; summary in %s", exp_dir.name, len(rows), len(failed),
+             f" ({', '.join(failed)})" if failed else "", exp_dir)
+    return summary
+
+
+_HEADERS = {"run": "run", "status": "status", "overrides": "overrides", "train_loss": "train loss",
+            "eval_loss": "eval loss", "exact_match": "exact match", "trainable_params": "trainable",
+            "tokens_per_second": "tokens/s", "peak_memory_mb": "peak MB", "wall_time_s": "wall s", "error": "error"}
+
+
+def _cell(key: str, v: Any) -> str:
+    if v is None or v == "":
+        return "" if key == "error" else "-"
+    if key in ("train_loss", "eval_loss"):
+        return f"{v:.4f}"
+    if key == "exact_match":
+        return f"{100 * v:.1f}%"
+    if key == "trainable_params":
+        return f"{v:,}"
+    if key in ("tokens_per_second", "peak_memory_mb", "wall_time_s"):
+        return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+    return str(v)
+
+
+def print_table(summary: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console(width=max(Console().width, 140))
+    table = Table(title=f"Experiment {summary['experiment']}: {len(summary['runs'])} runs "
+                        f"({summary['metric']}, best marked *)")
+    # A sweep names each run after its overrides: the overrides column would only repeat the name.
+    keys = [k for k in _HEADERS if k != "overrides" or any(
+        _run_name(tuple(r["overrides"].split())) != r["run"] for r in summary["runs"])]
+    for key in keys:
+        numeric = key not in ("run", "status", "overrides", "error")
+        table.add_column(_HEADERS[key], justify="right" if numeric else "left", overflow="fold",
+                         no_wrap=numeric or key in ("run", "status"), ratio=2 if key == "error" else None)
+    for r in summary["runs"]:
+        style = {"failed": "red", "interrupted": "yellow", "skipped": "dim"}.get(r["status"])
+        cells = [_cell(k, r.get(k)) for k in keys]
+        cells[0] += " *" if r["run"] == summary["best"] else ""
+        table.add_row(*cells, style=style)
+    console.print(table)
+    console.print(f"Summary and plots in {summary['dir']}")
+
+
+def to_markdown(summary: dict[str, Any]) -> str:
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    lines = [f"# Experiment {summary['experiment']}", "",
+             f"Compared metric: **{summary['metric']}** ({summary['direction']}); best run: "
+             f"**{summary['best'] or '-'}**.", "",
+             "| " + " | ".join(_HEADERS.values()) + " |",
+             "|" + "|".join("---:" if k not in ("run", "status", "overrides", "error") else "---" for k in _HEADERS) + "|"]
+    for r in summary["runs"]:
+        lines.append("| " + " | ".join(esc(_cell(k, r.get(k))) for k in _HEADERS) + " |")
+    lines += ["", "![eval loss](eval_loss.png)", "", f"![{summary['metric']}](metric.png)", ""]
+    return "\n".join(lines)
+
+
+def _number(v: Any) -> float | None:
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def eval_loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    """(steps, eval losses) from the run's TensorBoard events; from metrics.json (before/after) without them."""
+    tb = run_dir / "tensorboard"
+    if tb.is_dir():
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        logging.getLogger("tensorboard").setLevel(logging.WARNING)  # "No path found after ..." per file
+        acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})  # 0 = keep every point
+        acc.Reload()
+        if "eval/loss" in acc.Tags().get("scalars", []):
+            events = {e.step: e.value for e in acc.Scalars("eval/loss")}  # a resumed run may repeat a step
+            return sorted(events), [events[s] for s in sorted(events)]
+    m = RunDir(run_dir).metrics
+    if m.is_file():
+        data = artifacts.read_json(m)
+        if data.get("eval_loss") is not None:
+            return [0, data["steps"]], [data["eval_loss_before"], data["eval_loss"]]
+    return [], []
+
+
+def plot(exp_dir: Path, rows: list[dict[str, Any]], metric: str) -> dict[str, str]:
+    """eval_loss.png (every finished run's curve) and metric.png (bars); plot_data.json holds the numbers."""
+    _require("matplotlib", "the experiment plots")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # headless: no display, no pyplot state
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    done = [r for r in rows if r["status"] in ("finished", "skipped")]
+    curves = {}
+    for r in done:
+        steps, values = eval_loss_curve(Path(r["run_dir"]))
+        if steps:
+            curves[r["run"]] = {"steps": steps, "values": values}
+    bars = {r["run"]: r[metric] for r in done if _number(r.get(metric)) is not None}
+
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, c in curves.items():
+        ax.plot(c["steps"], c["values"], marker="o", markersize=3, label=name)
+    ax.set(xlabel="optimizer step", ylabel="eval loss", title=f"{exp_dir.name}: eval loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize="small")
+    _save_png(fig, exp_dir / "eval_loss.png")
+
+    fig = Figure(figsize=(max(6, 1.1 * len(bars) + 2), 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    names = list(bars)
+    values = [100 * bars[n] if metric == "exact_match" else bars[n] for n in names]
+    best = best_run(done, metric)
+    colors = ["tab:green" if best and n == best["run"] else "tab:blue" for n in names]
+    ax.bar(range(len(names)), values, color=colors)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize="small")
+    label = "exact match (%), higher is better" if metric == "exact_match" else "eval loss, lower is better"
+    if metric == "exact_match":
+        ax.set_ylim(0, 105)
+    ax.set(ylabel=label, title=f"{exp_dir.name}: final {metric.replace('_', ' ')} per run")
+    for i, v in enumerate(values):
+        ax.annotate(f"{v:.1f}" if metric == "exact_match" else f"{v:.3f}", (i, v), ha="center", va="bottom",
+                    fontsize="small")
+    _save_png(fig, exp_dir / "metric.png")
+
+    artifacts.write_json(exp_dir / "plot_data.json", {"eval_loss": curves, "metric": {"name": metric, "values": bars}})
+    return {"eval_loss": str(exp_dir / "eval_loss.png"), "metric": str(exp_dir / "metric.png"),
+            "data": str(exp_dir / "plot_data.json")}
+
+
+def _save_png(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line: -m turns sweep syntax (a,b / range() / interval()) into runs or a search space.
+
+
+def sweep_runs(sweeps: list) -> dict[str, list[str]]:
+    """Cartesian product of Hydra sweep overrides -> {run name: overrides}, as Hydra's basic sweeper does."""
+    axes = []
+    for o in sweeps:
+        if o.value_type.name == "INTERVAL_SWEEP":
+            raise LlamaLoraError(f"'{o.input_line}' is an interval: it needs a search. Add "
+                                 "experiment.search.n_trials=N to sample N runs from it with Optuna.")
+        key = o.get_key_element()
+        axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+    return {_run_name(combo): list(combo) for combo in itertools.product(*axes)}
+
+
+def _run_name(overrides: tuple[str, ...]) -> str:
+    name = ",".join(o.lstrip("+~") for o in overrides)
+    return "".join(c if c.isalnum() or c in "=,.-_+" else "_" for c in name)[:200] or "run"
+
+
+def sweep_space(sweeps: list) -> dict[str, Any]:
+    """Sweep overrides -> a search space: a,b / choice() / range() are categorical, interval() a range."""
+    space = {}
+    for o in sweeps:
+        key, v = o.get_key_element().lstrip("+"), o.value()
+        if o.value_type.name == "INTERVAL_SWEEP":
+            space[key] = {"low": v.start, "high": v.end, "log": "log" in v.tags}
+        else:
+            space[key] = list(o.sweep_iterator())
+    return space
+
+
+def cli(args: list[str]) -> dict[str, Any]:
+    from llama_lora.cli import split_overrides
+
+    parser = argparse.ArgumentParser(prog="llama-lora experiment", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:5]))
+    parser.add_argument("-m", "--multirun", action="store_true",
+                        help="expand sweep overrides (peft=lora,dora peft.r=4,8) into runs, or into the search "
+                             "space when experiment.search.n_trials > 0")
+    rest, overrides = split_overrides(args)
+    ns = parser.parse_args(rest)
+    parsed = _parse(overrides)
+    sweeps = [o for o in parsed if o.is_sweep_override()]
+    if sweeps and not ns.multirun:
+        raise LlamaLoraError(f"{[o.input_line for o in sweeps]} sweep over several values: add -m "
+                             "(llama-lora experiment -m ...) to run one configuration per combination.")
+    data = compose_dict([o.input_line for o in parsed if not o.is_sweep_override()])
+    search = data["experiment"]["search"]
+    if sweeps and search["n_trials"]:  # before validation, which wants a space when n_trials > 0
+        search["space"] = (search["space"] or {}) | sweep_space(sweeps)
+    cfg = validate(data)
+    if ns.multirun and not sweeps and not cfg.runs and not cfg.experiment.search.n_trials:
+        cfg.runs = {"base": []}  # as in Hydra, a multirun without sweep values is one run
+    if sweeps and not cfg.experiment.search.n_trials:
+        grid = sweep_runs(sweeps)
+        # With a preset's runs too: every preset run x every sweep combination.
+        cfg.runs = ({f"{p},{s}": po + so for p, po in cfg.runs.items() for s, so in grid.items()}
+                    if cfg.runs else grid)
+    summary = run(cfg)
+    failed = [r for r in summary["runs"] if r["status"] == "failed"]
+    if failed:
+        others = "the others completed" if len(failed) < len(summary["runs"]) else "none completed"
+        raise LlamaLoraError(
+            f"{len(failed)} of {len(summary['runs'])} runs failed ({', '.join(r['run'] for r in failed)}); {others}. "
+            f"Each error is in {summary['dir']}/summary.md. Fix the cause and run the same command again: "
+            "finished runs are skipped, failed ones are retried."
+        )
+    return summary
+
+
+if __name__ == "__main__":
+    from llama_lora.cli import main
+
+    main(["experiment", *sys.argv[1:]])

@@ -1,0 +1,179 @@
+"""`llama-lora infer`: talk to a fine-tuned run (base + adapter) or a merged model.
+
+  llama-lora infer "Reverse the word.\n\nhello"          one answer, streamed
+  llama-lora infer                                         interactive chat (history kept; /exit ends)
+  llama-lora infer --input-file in.jsonl --output-file out.jsonl   a file, in left-padded batches
+
+The run directory is infer.run_dir (or `run_dir=...`), by default the latest finished run; prompts are
+formatted with the run's saved prompt.json and tokenizer, so inference formats exactly as training did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from transformers import TextStreamer
+
+from llama_lora import artifacts
+from llama_lora.config.schema import Config
+from llama_lora.errors import LlamaLoraError
+from llama_lora.generation import (
+    Loaded, cli_config, generate, generate_batched, generation_config, is_override, load_for_inference,
+    split_run_dir_arg,
+)
+
+log = logging.getLogger("llama_lora.infer")
+
+
+def run(cfg: Config, prompt: str | None = None, input_file: str | None = None, output_file: str | None = None,
+        show_prompt: bool = False, stdin: TextIO | None = None, stdout: TextIO | None = None, prompt_input: str = ""):
+    """One prompt -> its answer; an input file -> list of records; neither -> interactive chat."""
+    stdout = stdout or sys.stdout
+    loaded = load_for_inference(cfg)
+    torch.manual_seed(cfg.training.seed)  # reproducible sampling
+    if input_file is not None:
+        return answer_file(loaded, cfg, Path(input_file), Path(output_file) if output_file else None, stdout)
+    if prompt is not None:
+        return answer(loaded, cfg, prompt, None, show_prompt, stdout, prompt_input)
+    return chat(loaded, cfg, stdin or sys.stdin, stdout, show_prompt)
+
+
+def _gen(loaded: Loaded, cfg: Config, max_new_tokens: int | None = None):
+    ic = cfg.infer
+    return generation_config(loaded.model, loaded.tokenizer, max_new_tokens or ic.max_new_tokens, ic.do_sample,
+                             ic.temperature, ic.top_p)
+
+
+def format_turn(loaded: Loaded, user: str, history: list[dict[str, str]] | None, input: str = "") -> str:
+    """The prompt for `user` after `history`, in the run's format.
+
+    Chat templates render the history themselves; for the Alpaca format the earlier exchanges are
+    concatenated (each rendered as in training: prompt, answer, eos) before the new prompt.
+    """
+    fmt, tok = loaded.fmt, loaded.tokenizer
+    if fmt.kind == "chat" or not history:
+        return fmt.prompt(tok, user, input, history=history)
+    bos = tok.bos_token or ""
+    text = bos
+    for u, a in zip(history[0::2], history[1::2]):
+        text += fmt.prompt(tok, u["content"]).removeprefix(bos) + a["content"] + tok.eos_token
+    return text + fmt.prompt(tok, user, input).removeprefix(bos)
+
+
+def answer(loaded: Loaded, cfg: Config, user: str, history: list[dict[str, str]] | None = None,
+           show_prompt: bool = False, stdout: TextIO | None = None, input: str = "") -> str:
+    """Generate one reply, streaming it to stdout as it is produced."""
+    stdout = stdout or sys.stdout
+    prompt = format_turn(loaded, user, history, input)
+    if show_prompt:
+        print(f"--- prompt ---\n{prompt}\n--- end prompt ---", file=sys.stderr, flush=True)
+    streamer = _Streamer(loaded.tokenizer, stdout)
+    reply = generate(loaded.model, loaded.tokenizer, [prompt], _gen(loaded, cfg), streamer=streamer)[0]
+    print(file=stdout, flush=True)
+    return reply
+
+
+class _Streamer(TextStreamer):
+    """TextStreamer that writes to a given stream (stdout by default) and skips special tokens."""
+
+    def __init__(self, tokenizer, stream: TextIO):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.stream = stream
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        self.stream.write(text)
+        self.stream.flush()
+
+
+def chat(loaded: Loaded, cfg: Config, stdin: TextIO, stdout: TextIO, show_prompt: bool = False) -> list[dict]:
+    """Read user turns line by line (a terminal or a pipe); the conversation is kept until /reset."""
+    tty = stdin.isatty()
+    print(f"Chatting with {loaded.target} ({'base + adapter' if loaded.has_adapter else 'merged model'}). "
+          "/reset clears the history, /exit or Ctrl-D ends.", file=sys.stderr, flush=True)
+    history: list[dict[str, str]] = []
+    while True:
+        if tty:
+            print(">>> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:  # EOF
+            break
+        user = line.strip()
+        if not user:
+            continue
+        if user in ("/exit", "/quit"):
+            break
+        if user == "/reset":
+            history = []
+            continue
+        reply = answer(loaded, cfg, user, history, show_prompt, stdout)
+        history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply.strip()}]
+    return history
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """JSONL records with `instruction` (+ optional `input`), or `prompt` (the user message)."""
+    if not path.is_file():
+        raise LlamaLoraError(f"--input-file {path} does not exist.")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LlamaLoraError(f"{path} line {n} is not valid JSON ({e.msg}). Write one JSON object per line.") from e
+        if not isinstance(rec, dict) or not (rec.get("instruction") or rec.get("prompt")):
+            raise LlamaLoraError(
+                f"{path} line {n} has neither an 'instruction' nor a 'prompt' field. Each line must be like "
+                '{"instruction": "...", "input": "..."} or {"prompt": "..."}.'
+            )
+        records.append(rec)
+    if not records:
+        raise LlamaLoraError(f"--input-file {path} holds no records.")
+    return records
+
+
+def answer_file(loaded: Loaded, cfg: Config, input_file: Path, output_file: Path | None, stdout: TextIO) -> list[dict]:
+    records = read_prompts(input_file)
+    prompts = [loaded.fmt.prompt(loaded.tokenizer, str(r.get("instruction") or r["prompt"]), str(r.get("input") or ""))
+               for r in records]
+    log.info("Answering %d prompts from %s in batches of %d", len(prompts), input_file, cfg.infer.batch_size)
+    replies = generate_batched(loaded.model, loaded.tokenizer, prompts, _gen(loaded, cfg), cfg.infer.batch_size)
+    out = [r | {"response": a.strip()} for r, a in zip(records, replies)]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out)
+    if output_file is None:
+        stdout.write(text)
+    else:
+        artifacts.write_text(output_file, text)
+        log.info("Wrote %d answers to %s", len(out), output_file)
+    return out
+
+
+def cli(args: list[str]) -> object:
+    rest, run_dir = split_run_dir_arg(args)
+    overrides = [a for a in rest if is_override(a)]
+    parser = argparse.ArgumentParser(prog="llama-lora infer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompt", nargs="?", help="the instruction; omit it for an interactive chat")
+    parser.add_argument("--input", default="", help="optional input/context for the instruction")
+    parser.add_argument("--input-file", help="JSONL of {instruction, input} or {prompt} records")
+    parser.add_argument("--output-file", help="where to write JSONL answers (default: stdout)")
+    parser.add_argument("--show-prompt", action="store_true", help="print each formatted prompt to stderr")
+    ns = parser.parse_args([a for a in rest if a not in overrides])
+    if ns.prompt is not None and ns.input_file:
+        parser.error("give a prompt or --input-file, not both")
+    cfg = cli_config(overrides, run_dir)
+    return run(cfg, prompt=ns.prompt, input_file=ns.input_file, output_file=ns.output_file,
+               show_prompt=ns.show_prompt, prompt_input=ns.input)
+
+
+if __name__ == "__main__":
+    from llama_lora.cli import main
+
+    main(["infer", *sys.argv[1:]])

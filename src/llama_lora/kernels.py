@@ -1,0 +1,257 @@
+"""A lean training step for PEFT LoRA/DoRA layers, and padding-free attention for packed rows.
+
+Profiling a LoRA step on CPU (benchmarks/README.md) shows the time in the frozen matmuls; what an
+adapter adds on top is many small ops per layer: a dropout copy of the input per module, the LoRA
+product, a scaling multiply and an add, each with its autograd node and saved tensors; and PEFT's DoRA
+also materialises B@A and W + s*B@A (out x in) every forward, and with dropout recomputes the whole base
+matmul on the dropped input. Here each adapted Linear is one autograd Function:
+
+  forward   z = x W^T  (+)=  s * (drop(x) A^T) B^T      (addmm into the base output, no extra add)
+  DoRA      y = (m / n) * z,  n = ||W + s B A||_row, detached (DoRA paper, sec. 4.3), computed as
+            n^2 = ||W||^2_row + 2s <(W A^T)_row, B_row> + s^2 <(B (A A^T))_row, B_row>
+            from the cached ||W||^2 rows and low-rank products: B@A is never formed, and n is computed
+            once per optimizer step (it only changes when A or B do).
+  saved     the input x (one storage shared by q/k/v or gate/up), a 1-byte dropout mask instead of a
+            dropped copy, the rank-r activation, and for DoRA the output y (the magnitude's gradient is
+            sum_t g*y / m; the next op often keeps y anyway).
+
+The parameters, their names and the saved files are PEFT's own (only the module's forward is replaced),
+so `save_pretrained` writes a standard adapter that plain `peft` loads with equal outputs. With dropout,
+DoRA's magnitude scales the base output of the *undropped* input (the paper's formula) where PEFT adds a
+second base matmul on the dropped input; without dropout, and in eval, the two are identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+VARLEN_ATTENTION = "llama_lora_varlen"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The fused LoRA/DoRA linear.
+
+
+def _dropout_keep(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """(boolean keep-mask, 1/(1-p')) with p' = p rounded to 1/32768.
+
+    Four mask entries come from one 64-bit random draw (each a uniform 15-bit lane), which on CPU is
+    ~4x cheaper than bernoulli_ and was the largest single cost a LoRA step adds to the frozen one.
+    """
+    k = round(p * 32768)
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
+    keep = bits.view(torch.int16)[:n].view(x.shape).bitwise_and_(0x7FFF) >= k
+    return keep, 32768.0 / (32768 - k)
+
+
+class _LeanLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, norm, scale: float, p: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        out = x2 @ weight.t()  # the frozen base output, reused by the adapter below (no second matmul)
+        keep, ks = (None, 1.0) if p == 0 else _dropout_keep(x2, p)
+        # Dropout scale folded into the rank-r activation (T x r) rather than the input (T x in); only
+        # the 1-byte mask is kept for backward, which rebuilds the dropped input from x.
+        h = x2 @ lora_a.t() if keep is None else (torch.where(keep, x2, 0) @ lora_a.t()).mul_(ks)
+        out.addmm_(h, lora_b.t(), alpha=scale)
+        c = None
+        if magnitude is not None:
+            c = magnitude / norm
+            out.mul_(c)
+        ctx.scale, ctx.ks = scale, ks
+        ctx.save_for_backward(x2, keep, h, weight, lora_a, lora_b, magnitude, c, out if magnitude is not None else None)
+        ctx.in_shape = x.shape
+        if bias is not None:
+            out = out + bias
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, keep, h, weight, lora_a, lora_b, magnitude, c, y = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_m = None
+        if magnitude is not None:
+            if ctx.needs_input_grad[5]:
+                grad_m = (g * y).sum(0) / magnitude  # = sum_t g * z / n, as z = y / c and c * n = m
+            g = g * c
+        grad_b = (g.t() @ h).mul_(ctx.scale) if ctx.needs_input_grad[4] else None
+        gh = (g @ lora_b).mul_(ctx.scale * ctx.ks)  # d loss / d (dropped x A^T), dropout scale included
+        grad_a = None
+        if ctx.needs_input_grad[3]:
+            grad_a = gh.t() @ (x2 if keep is None else torch.where(keep, x2, 0))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            back = gh @ lora_a
+            if keep is not None:
+                back = torch.where(keep, back, 0)
+            grad_x = torch.addmm(back, g, weight).view(ctx.in_shape)
+        return grad_x, None, None, grad_a, grad_b, grad_m, None, None, None
+
+
+def _row_norm(module, name: str, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """||W + s B A|| per output row, detached, from low-rank products; cached until W, A or B change."""
+    key = (weight._version, a._version, b._version, a.data_ptr(), b.data_ptr(), scale)
+    cache = module.__dict__.setdefault("_lean_cache", {})
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        w_key = (weight.data_ptr(), weight._version)
+        w_sq = cache.get("w_sq")
+        if w_sq is None or w_sq[0] != w_key:
+            w_sq = (w_key, weight.float().pow(2).sum(1))  # the frozen weight's squared row norms, once
+            cache["w_sq"] = w_sq
+        a32, b32 = a.float(), b.float()
+        wa = weight.to(a32.dtype) @ a32.t()  # (out, r)
+        aa = a32 @ a32.t()  # (r, r)
+        sq = w_sq[1] + 2 * scale * (wa * b32).sum(1) + scale * scale * ((b32 @ aa) * b32).sum(1)
+        norm = sq.clamp_min(0).sqrt()
+    cache[name] = (key, norm)
+    return norm
+
+
+def _lean_forward(self, x, *args, **kwargs):
+    """Replacement forward of one peft.tuners.lora.Linear; PEFT's own for anything it does not cover."""
+    name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
+    if (
+        args or kwargs or name is None or self.disable_adapters or self.merged or name not in self.lora_A
+        or not _lean_capable(self, name)
+    ):
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.get_base_layer()
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    drop = self.lora_dropout[name]
+    p = drop.p if self.training and isinstance(drop, torch.nn.Dropout) else 0.0
+    scale = float(self.scaling[name])
+    magnitude = norm = None
+    if name in self.lora_magnitude_vector:
+        magnitude = self.lora_magnitude_vector[name].weight
+        norm = _row_norm(self, name, base.weight, a, b, scale)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # Compute in the autocast dtype as PEFT's layers would, but with explicit casts so the backward
+        # (which autocast does not cover) sees consistent dtypes; grads flow back to fp32 adapters.
+        cd = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            out = _LeanLinear.apply(
+                x.to(cd), base.weight.to(cd), None if base.bias is None else base.bias.to(cd), a.to(cd), b.to(cd),
+                None if magnitude is None else magnitude.float(), None if norm is None else norm, scale, p,
+            )
+        return out
+    cd = a.dtype
+    w = base.weight if base.weight.dtype == cd else base.weight.to(cd)
+    out = _LeanLinear.apply(x.to(cd), w, base.bias, a, b, magnitude, norm, scale, p)
+    return out.to(x.dtype) if out.dtype != x.dtype else out
+
+
+def _lean_capable(module, name: str) -> bool:
+    base = module.get_base_layer()
+    return (
+        type(base) is torch.nn.Linear
+        and not getattr(module, "fan_in_fan_out", False)
+        and getattr(module.lora_B[name], "bias", None) is None
+        and not base.weight.requires_grad
+        and (base.bias is None or not base.bias.requires_grad)
+        and isinstance(module.lora_dropout[name], (torch.nn.Dropout, torch.nn.Identity))
+    )
+
+
+def apply_lean(model: torch.nn.Module) -> int:
+    """Route every PEFT LoRA/DoRA Linear of `model` through the fused step; returns how many.
+
+    Only forward methods are swapped on the instances: parameters, state_dict and save_pretrained are
+    untouched, and `remove_lean` restores PEFT's forward.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            name = module.active_adapters[0] if module.active_adapters else None
+            if name in module.lora_A and _lean_capable(module, name):
+                module.forward = types.MethodType(_lean_forward, module)
+                n += 1
+    return n
+
+
+def remove_lean(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if "forward" in module.__dict__ and getattr(module.forward, "__func__", None) is _lean_forward:
+            del module.forward
+            module.__dict__.pop("_lean_cache", None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Padding-free attention: one packed row holds several examples; attend within each, causally.
+
+
+def _segments(position_ids: torch.Tensor) -> list[int]:
+    """Start offsets of the examples in a packed row (+ its length): where positions stop counting up."""
+    pos = position_ids[0]
+    restart = torch.ones_like(pos, dtype=torch.bool)
+    restart[1:] = pos[1:] != pos[:-1] + 1
+    return restart.nonzero().flatten().tolist() + [pos.numel()]
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                     is_causal=None, **kwargs):
+    """SDPA run per packed example (cost sum L_i^2, not T^2 with a T x T mask); SDPA itself otherwise.
+
+    What FlashAttention2's varlen kernel does on CUDA, with PyTorch's own SDPA, so CPU, MPS and GPUs
+    without flash-attn skip the cross-example blocks too.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    pos = kwargs.get("position_ids")
+    if attention_mask is not None or pos is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    bounds = _segments(pos)
+    gqa = query.shape[1] != key.shape[1]
+    outs = [
+        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
+                                       is_causal=True, scale=scaling, enable_gqa=gqa)
+        for s, e in zip(bounds[:-1], bounds[1:])
+    ]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _varlen_mask(*args, attention_mask=None, **kwargs):
+    # No mask for unpadded (packed) rows: varlen_attention reads the example boundaries from
+    # position_ids, so the T x T boolean mask is never built. Padded batches get SDPA's usual mask.
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def use_varlen_attention(model) -> bool:
+    """Switch an SDPA model to varlen_attention (registered with transformers); False if not applicable."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
+    base.set_attn_implementation(VARLEN_ATTENTION)
+    return base.config._attn_implementation == VARLEN_ATTENTION
+
+
+def prepare_for_training(model, cfg, lean: bool = True) -> None:
+    """What train.py applies after apply_adapter: varlen attention for packed rows, the lean step."""
+    if cfg.data.packing and use_varlen_attention(model):
+        log.info("Packed rows use per-example attention (%s): no T x T mask, no cross-example blocks.", VARLEN_ATTENTION)
+    if lean and cfg.peft.lean and hasattr(model, "peft_config"):
+        n = apply_lean(model)
+        log.info("Lean %s step on %d adapted layers (peft.lean=true).", cfg.peft.method, n)

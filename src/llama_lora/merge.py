@@ -1,0 +1,162 @@
+"""`llama-lora merge [run_dir]`: fold a run's LoRA/DoRA adapter into the base weights -> `<run>/merged/`.
+
+The result is a standalone model (safetensors, the base model's dtype, tokenizer and prompt.json
+included) that plain `AutoModelForCausalLM.from_pretrained` loads. Before it becomes visible the
+saved model is reloaded from disk and its logits on sample prompts are compared with base+adapter;
+beyond a dtype-appropriate tolerance the merge is refused and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from llama_lora import artifacts, model as model_lib
+from llama_lora.artifacts import RunDir
+from llama_lora.config.schema import Config
+from llama_lora.errors import LlamaLoraError
+from llama_lora.generation import (
+    base_model_of, cli_config, inference_runtime, is_override, is_run_dir, load_adapter, read_prompt_format,
+    resolve_target, split_run_dir_arg, with_dtype,
+)
+
+log = logging.getLogger("llama_lora.merge")
+
+# Largest allowed |merged - unmerged| logit difference, relative to the largest |logit|. Merging only
+# reorders floating-point sums in fp32 (W x + B A x vs (W + B A) x); in bf16/fp16 the merged weight is
+# rounded to 8/11 mantissa bits, so differences of a few percent of the logit scale are expected.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+# Prompts the check runs on, rendered in the run's prompt format: short, varied, language and digits.
+SAMPLE_PROMPTS = [
+    ("Reverse the word.", "garden"),
+    ("Add the two numbers.", "17 + 25"),
+    ("Write a short sentence about the sea.", ""),
+    ("Sort the characters.", "dbca"),
+]
+
+
+def base_dtype(base: str, cfg: Config) -> torch.dtype:
+    """The dtype the base checkpoint is stored in (model.dtype overrides it when not 'auto')."""
+    if cfg.model.dtype != "auto":
+        return getattr(torch, cfg.model.dtype)
+    try:
+        conf = AutoConfig.from_pretrained(base, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as e:
+        raise model_lib.hub_error(e, "model config", base) from e
+    dtype = getattr(conf, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+@torch.no_grad()
+def sample_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False).logits.float().cpu()
+    return out.masked_fill(batch["attention_mask"].unsqueeze(-1) == 0, 0.0)  # padding positions don't count
+
+
+def run(cfg: Config) -> Path:
+    t0 = time.time()
+    target = resolve_target(cfg.infer.run_dir, cfg.output_dir)
+    if not is_run_dir(target):
+        raise LlamaLoraError(f"{target} has no adapter to merge (it is already a standalone model). "
+                             "Give merge a run directory with adapter/.")
+    run_dir = RunDir(target)
+    base = base_model_of(target, cfg)
+    dtype = base_dtype(base, cfg)
+    runtime = with_dtype(inference_runtime(cfg), dtype)
+    tokenizer = model_lib.load_tokenizer(str(run_dir.tokenizer) if run_dir.tokenizer.is_dir() else base, cfg.model)
+    fmt = read_prompt_format(target, cfg, tokenizer)
+
+    model = load_adapter(model_lib.load_model(base, cfg.model, runtime, training=False), run_dir.adapter).eval()
+    tokenizer.padding_side = "right"
+    texts = [fmt.prompt(tokenizer, i, x) for i, x in SAMPLE_PROMPTS]
+    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    reference = sample_logits(model, batch)  # base + adapter, unmerged
+    with model.disable_adapter():
+        adapter_effect = float((sample_logits(model, batch) - reference).abs().max())
+    method = "DoRA" if getattr(model.peft_config["default"], "use_dora", False) else "LoRA"
+    tied_head = _adapts_tied_head(model)
+
+    merged = model.merge_and_unload()
+    nbytes = sum(p.numel() * p.element_size() for p in merged.parameters())
+    artifacts.clean_stale(run_dir.path)  # a killed earlier merge's `.merged.tmp-PID` (GBs) goes first
+    artifacts.check_free_space(target, nbytes + 100 * 2**20)
+    with artifacts.atomic_dir(run_dir.merged) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        artifacts.write_json(tmp / "prompt.json", fmt.to_dict())
+        del merged, model
+        gc.collect()
+        # Check what a user will load: the files just written, read back with plain transformers.
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation=runtime.attn_implementation)
+        reloaded.to(runtime.device).eval()
+        got = sample_logits(reloaded, batch)
+        diff = float((got - reference).abs().max())
+        scale = max(1.0, float(reference.abs().max()))
+        tol = TOLERANCE.get(dtype, 6e-2) * scale
+        finite = bool(torch.isfinite(reference).all() and torch.isfinite(got).all())
+        report = {
+            "method": method, "base_model": base, "dtype": str(dtype).removeprefix("torch."),
+            "saved_dtype": str(reloaded.dtype).removeprefix("torch."), "max_abs_logit_diff": diff,
+            "tolerance": tol, "logit_scale": scale, "adapter_max_logit_change": adapter_effect,
+            "sample_prompts": len(texts), "finite": finite, "seconds": round(time.time() - t0, 1),
+        }
+        del reloaded
+        if not finite or not diff <= tol or report["saved_dtype"] != report["dtype"]:
+            raise LlamaLoraError(_failure(report, tied_head))
+        artifacts.write_json(tmp / "merge.json", report)
+    log.info("Merged %s adapter into %s (%s): max |logit diff| vs base+adapter %.3g (tolerance %.3g; the "
+             "adapter itself moves logits by up to %.3g). Saved to %s", method, base, report["dtype"], diff, tol,
+             adapter_effect, run_dir.merged)
+    print(f"merged model: {run_dir.merged}  ({method}, {report['dtype']}, max |logit diff| {diff:.3g} "
+          f"<= tolerance {tol:.3g})")
+    return run_dir.merged
+
+
+def _adapts_tied_head(model) -> bool:
+    """An adapter on an output head that shares its weight with the input embeddings cannot be merged
+    faithfully: merging changes the shared matrix, hence the embeddings too (PEFT issue #2777)."""
+    base = model.get_base_model()
+    head, emb = base.get_output_embeddings(), base.get_input_embeddings()
+    layer = getattr(head, "base_layer", head)
+    return hasattr(head, "lora_A") and layer.weight is emb.weight
+
+
+def _failure(report: dict, tied_head: bool) -> str:
+    why = (
+        "the logits are not finite (NaN/inf in the adapter or base weights)" if not report["finite"]
+        else f"the saved model is {report['saved_dtype']}, not the base's {report['dtype']}"
+        if report["saved_dtype"] != report["dtype"]
+        else f"the merged model's logits differ from base+adapter by up to {report['max_abs_logit_diff']:.4g} "
+        f"(tolerance {report['tolerance']:.3g} for {report['dtype']})"
+    )
+    hint = (
+        " The adapter adapts lm_head, whose weight is tied to the input embeddings, so merging it changes "
+        "the embeddings as well; train without lm_head in peft.target_modules or untie the embeddings."
+        if tied_head else
+        " The adapter files may be corrupted or inconsistent with the base model; check them or re-train."
+    )
+    return f"Merge verification failed: {why}. Nothing was written.{hint}"
+
+
+def cli(args: list[str]) -> Path:
+    rest, run_dir = split_run_dir_arg(args)
+    overrides = [a for a in rest if is_override(a)]
+    parser = argparse.ArgumentParser(prog="llama-lora merge", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", nargs="?", help="run directory (default: infer.run_dir, else the latest finished run)")
+    ns = parser.parse_args([a for a in rest if a not in overrides])
+    return run(cli_config(overrides, ns.run_dir or run_dir))
+
+
+if __name__ == "__main__":
+    from llama_lora.cli import main
+
+    main(["merge", *sys.argv[1:]])

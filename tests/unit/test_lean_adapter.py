@@ -1,0 +1,143 @@
+"""The lean LoRA/DoRA step computes what PEFT computes (outputs and gradients, fp32), saves standard PEFT
+files that plain peft loads with equal outputs, and keeps DoRA's norm right as the adapter trains."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import pytest
+
+from llama_lora.kernels import _dropout_keep, _LeanLinear, _row_norm, apply_lean, remove_lean
+
+CFG = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _peft_model(dora: bool, dropout: float = 0.0, seed: int = 0):
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(LlamaConfig(**CFG), dtype=torch.float32)
+    base.config.use_cache = False
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
+                                            use_dora=dora))
+    with torch.no_grad():  # B = 0 at init would hide any error in the adapter path
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+            if "magnitude" in name:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+    return model
+
+
+def _forward_backward(model, ids):
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids).logits
+    (logits.float().pow(2).mean()).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_outputs_and_gradients_equal_peft(dora):
+    model = _peft_model(dora)
+    model.train()  # dropout 0: train mode exercises the training path deterministically
+    ids = torch.randint(0, 101, (2, 19))
+    ref_out, ref_grads = _forward_backward(model, ids)
+    assert apply_lean(model) == 14  # 7 linear layers x 2 blocks
+    out, grads = _forward_backward(model, ids)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) == (42 if dora else 28)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    remove_lean(model)
+    torch.testing.assert_close(_forward_backward(model, ids)[0], ref_out)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_saved_adapter_is_plain_peft_with_equal_outputs(dora, tmp_path):
+    model = _peft_model(dora)
+    keys_before = set(model.state_dict())
+    apply_lean(model)
+    assert set(model.state_dict()) == keys_before  # same parameter names: only forward is replaced
+    model.eval()
+    ids = torch.randint(0, 101, (1, 23))
+    with torch.no_grad():
+        lean_out = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    fresh = AutoModelForCausalLM.from_config(LlamaConfig(**CFG), dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(fresh, tmp_path).eval()  # plain peft: no llama-lora code involved
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, lean_out, atol=1e-5, rtol=1e-5)
+        merged = loaded.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, lean_out, atol=1e-4, rtol=1e-4)
+
+
+def test_dropout_path_matches_autograd_reference():
+    torch.manual_seed(1)
+    x = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(24, 16)
+    a = torch.randn(4, 16, requires_grad=True)
+    b = torch.randn(24, 4, requires_grad=True)
+    g = torch.randn(37, 24)
+    torch.manual_seed(7)
+    y = _LeanLinear.apply(x, w, None, a, b, None, None, 1.5, 0.25)
+    y.backward(g)
+    got = [y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone()]
+    x.grad = a.grad = b.grad = None
+    torch.manual_seed(7)  # the same random draw gives the same mask
+    keep, ks = _dropout_keep(x.detach(), 0.25)
+    ref = x @ w.t() + 1.5 * ((torch.where(keep, x, 0) * ks) @ a.t()) @ b.t()
+    ref.backward(g)
+    for mine, theirs in zip(got, [ref.detach(), x.grad, a.grad, b.grad]):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-5)
+    # The mask drops ~p of the entries and the scale keeps the expectation.
+    big, _ = _dropout_keep(torch.empty(400, 500), 0.05)
+    assert abs(1 - big.float().mean().item() - 0.05) < 0.003
+    assert ks == pytest.approx(1 / (1 - round(0.25 * 32768) / 32768))
+
+
+def test_dora_norm_from_low_rank_products_tracks_training():
+    model = _peft_model(dora=True)
+    apply_lean(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    scale = layer.scaling["default"]
+
+    def direct():  # what PEFT computes: the norm of the materialised W + s B A
+        return torch.linalg.norm(layer.base_layer.weight + scale * (b @ a), dim=1).detach()
+
+    torch.testing.assert_close(_row_norm(layer, "default", layer.base_layer.weight, a, b, scale), direct())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    model.train()
+    model(input_ids=torch.randint(0, 101, (1, 9))).logits.sum().backward()
+    opt.step()  # A and B change in place: the cached norm must be recomputed
+    torch.testing.assert_close(_row_norm(layer, "default", layer.base_layer.weight, a, b, scale), direct())
+
+
+def test_bf16_autocast_matches_peft_within_bf16_precision():
+    model = _peft_model(dora=True)
+    ids = torch.randint(0, 101, (1, 15))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(input_ids=ids).logits.float()
+        apply_lean(model)
+        out = model(input_ids=ids).logits.float()
+    torch.testing.assert_close(out, ref, atol=0.05, rtol=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids).logits.float().sum().backward()
+    mag = model.base_model.model.model.layers[0].mlp.up_proj.lora_magnitude_vector["default"].weight
+    assert mag.grad is not None and mag.grad.dtype == torch.float32 and torch.isfinite(mag.grad).all()
+
+
+def test_disabled_adapter_falls_back_to_base_model():
+    model = _peft_model(dora=False)
+    apply_lean(model)
+    ids = torch.randint(0, 101, (1, 11))
+    with torch.no_grad(), model.disable_adapter():
+        off = model(input_ids=ids).logits
+    with torch.no_grad():
+        base = model.get_base_model()
+        remove_lean(model)
+        with model.disable_adapter():
+            ref = base(input_ids=ids).logits
+    torch.testing.assert_close(off, ref)

@@ -1,0 +1,141 @@
+"""The memory planner: exact parameter arithmetic, how each term follows the configuration, prediction
+vs a measured peak, budgets, and auto_batch_size keeping the global batch."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from llama_lora.adapter import apply_adapter, count_parameters
+from llama_lora.config.schema import Config
+from llama_lora.data import IGNORE_INDEX, make_collate
+from llama_lora.errors import LlamaLoraError
+from llama_lora.evaluate import response_loss_sum
+from llama_lora.kernels import prepare_for_training
+from llama_lora.planner import auto_batch_size, measure_peak_bytes, plan_memory
+
+LLAMA_32_1B = LlamaConfig(  # meta-llama/Llama-3.2-1B's published config.json
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, max_position_embeddings=131072,
+)
+SMALL = dict(vocab_size=2000, hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=4, max_position_embeddings=1024)
+
+
+def _cfg(**sections) -> Config:
+    return Config.model_validate({"model": {"name_or_path": "x"}, **sections})
+
+
+def test_parameter_arithmetic_is_exact():
+    plan = plan_memory(_cfg(), LLAMA_32_1B, "cuda")
+    assert plan.breakdown["weights"] == 1_235_814_400 * 2  # tied head counted once, bf16 on CUDA
+    # LoRA r=16 on all 7 linear layers of 16 blocks: r * (in + out) each.
+    per_block = 16 * ((2048 + 2048) * 2 + (2048 + 512) * 2 + (2048 + 8192) * 3)
+    assert plan.breakdown["adapter"] == plan.breakdown["gradients"] == 16 * per_block * 4
+    assert plan.breakdown["optimizer"] == 2 * plan.breakdown["adapter"]  # AdamW's two fp32 moments
+
+    # ...and what PEFT really creates on a small model, LoRA and DoRA (magnitude vectors).
+    for method in ("lora", "dora"):
+        cfg = _cfg(peft={"method": method, "target_modules": ["q_proj", "v_proj", "down_proj"]})
+        model = apply_adapter(AutoModelForCausalLM.from_config(LlamaConfig(**SMALL)), cfg.peft)
+        trainable, total = count_parameters(model)
+        plan = plan_memory(cfg, LlamaConfig(**SMALL), "cpu")
+        assert plan.breakdown["adapter"] == 4 * trainable
+        assert plan.breakdown["weights"] == 4 * (total - trainable)
+
+
+def test_terms_follow_the_configuration():
+    base = plan_memory(_cfg(), LLAMA_32_1B, "cpu", 4, tokens_per_micro_batch=1024)
+    assert base.breakdown["weights"] == 1_235_814_400 * 4  # fp32 on CPU
+    double = plan_memory(_cfg(), LLAMA_32_1B, "cpu", 4, tokens_per_micro_batch=2048)
+    assert double.breakdown["activations"] == pytest.approx(2 * base.breakdown["activations"], rel=1e-6)
+    ckpt = plan_memory(_cfg(model={"name_or_path": "x", "gradient_checkpointing": True}), LLAMA_32_1B, "cpu", 4,
+                       tokens_per_micro_batch=1024)
+    assert ckpt.total_bytes < 0.7 * base.total_bytes
+    peft_dropout = plan_memory(_cfg(peft={"lean": False}), LLAMA_32_1B, "cpu", 4, tokens_per_micro_batch=1024)
+    assert peft_dropout.breakdown["activations"] > 1.2 * base.breakdown["activations"]
+    dora = plan_memory(_cfg(peft={"method": "dora"}), LLAMA_32_1B, "cpu", 4, tokens_per_micro_batch=1024)
+    assert base.total_bytes < dora.total_bytes < 1.15 * base.total_bytes
+    # The loss over a 128k vocabulary: 12 bytes per kept logit (log-softmax + two gradients, fp32).
+    assert base.breakdown["logits/loss"] == 1024 * 128256 * 12
+    # Without token counts the worst case is planned: every example at data.max_seq_length.
+    worst = plan_memory(_cfg(data={"max_seq_length": 256}), LLAMA_32_1B, "cpu", 2)
+    assert worst.tokens_per_micro_batch == 512 and "worst case" in worst.report()
+
+
+def _examples(n, lo, hi, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(lo, hi)
+        ids = [rng.randrange(3, SMALL["vocab_size"]) for _ in range(length)]
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (length // 2) + ids[length // 2:]})
+    return out
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"peft": {"method": "dora"}},
+    {"data": {"packing": False}},
+], ids=["lora-packed", "dora-packed", "lora-padded"])
+def test_prediction_within_10_percent_of_measured_peak(overrides):
+    """One real training step (fp32 CPU) measured with PyTorch's profiler vs the plan's tensor total."""
+    cfg = _cfg(**overrides)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**SMALL), attn_implementation="sdpa", dtype=torch.float32)
+    model.config.use_cache = False
+    model = apply_adapter(model, cfg.peft)
+    prepare_for_training(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    collate = make_collate(cfg.data.packing, 0)
+    batch_examples = _examples(4, 100, 220)
+    model.train()
+
+    def step():
+        loss, n = response_loss_sum(model, collate(batch_examples))
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # gradients stay allocated, as between accumulation steps
+
+    step()
+    measured = measure_peak_bytes(step, model, opt)
+    lengths = [len(e["input_ids"]) for e in batch_examples]
+    tokens = sum(lengths) if cfg.data.packing else 4 * max(lengths)
+    keep = sum(n - n // 2 for n in lengths) if cfg.data.packing else 4 * (max(lengths) - min(n // 2 for n in lengths))
+    plan = plan_memory(cfg, LlamaConfig(**SMALL), "cpu", 4, tokens_per_micro_batch=tokens,
+                       rows_per_micro_batch=1 if cfg.data.packing else 4, loss_tokens_per_micro_batch=keep)
+    assert abs(plan.tensor_bytes / measured - 1) < 0.10, (plan.report(), measured)
+
+
+def test_budget_decides_fits_and_report():
+    cfg = _cfg(training={"memory_budget_gb": 1.0})
+    plan = plan_memory(cfg, LLAMA_32_1B, "cpu", 8)
+    assert plan.available_bytes == 2**30 and not plan.fits
+    text = plan.report()
+    assert "does NOT fit" in text and "activations" in text and "weights" in text
+    roomy = plan_memory(_cfg(training={"memory_budget_gb": 4096.0}), LLAMA_32_1B, "cpu", 1)
+    assert roomy.fits and "fits" in roomy.report()
+
+
+def test_auto_batch_size_keeps_the_global_batch():
+    lengths = [random.Random(i).randint(50, 300) for i in range(64)]
+    base = _cfg(training={"micro_batch_size": 4, "gradient_accumulation_steps": 4})
+
+    def plan_for(b):
+        tokens = sum(sorted(lengths, reverse=True)[:b])
+        return plan_memory(base, LLAMA_32_1B, "cpu", b, tokens_per_micro_batch=tokens, rows_per_micro_batch=1,
+                           loss_tokens_per_micro_batch=tokens)
+
+    for fit, expected in ((5, 4), (9, 8), (16, 16), (1, 1)):
+        # A budget just above the plan for `fit` examples: the micro-batch is the largest divisor of 16 <= fit.
+        budget = (plan_for(fit).total_bytes + 1024) / 2**30
+        cfg = base.model_copy(update={"training": base.training.model_copy(update={"memory_budget_gb": budget})})
+        micro, accum, plan = auto_batch_size(cfg, LLAMA_32_1B, "cpu", lengths)
+        assert (micro, accum) == (expected, 16 // expected) and plan.fits
+    tight = base.model_copy(update={"training": base.training.model_copy(update={"memory_budget_gb": 0.5})})
+    with pytest.raises(LlamaLoraError, match="Even a micro-batch of 1.*gradient_checkpointing"):
+        auto_batch_size(tight, LLAMA_32_1B, "cpu", lengths)
