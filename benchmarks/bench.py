@@ -14,6 +14,9 @@ alternate between methods:
       to the longest example of each batch), given the same model, adapter and batch size
   (c) transformers.Trainer + PEFT, every example padded to max_seq_length (512)
   (d) the floor: the frozen model's forward + backward on llama-lora's batches (no adapter, no optimizer)
+  (e) (a) with training.precision=bf16: CPU's default is fp32, but CPUs with native bf16 (AVX512-BF16,
+      AMX) run bf16 matmuls ~2x faster, which is what TRL's default bf16 gets
+  (f) (a) with peft.lean=false (PEFT's forward; opt-in with --methods), the lean step's baseline
 
 For each: non-padding tokens/s (median over the measured steps after warm-up), the ratio to (b), peak
 tensor memory of one optimizer step (PyTorch's memory profiler, all tensors alive including weights and
@@ -111,13 +114,15 @@ class Result:
     method: str
     adapter: str
     step_seconds: list[float] = field(default_factory=list)
+    step_cpu_seconds: list[float] = field(default_factory=list)  # process CPU time: robust to a busy machine
     step_tokens: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
     notes: str = ""
 
-    def tokens_per_second(self, warmup: int) -> float:
-        rates = [t / s for t, s in zip(self.step_tokens[warmup:], self.step_seconds[warmup:])]
+    def tokens_per_second(self, warmup: int, cpu: bool = False) -> float:
+        secs = self.step_cpu_seconds if cpu else self.step_seconds
+        rates = [t / s for t, s in zip(self.step_tokens[warmup:], secs[warmup:])]
         return statistics.median(rates) if rates else float("nan")
 
 
@@ -212,26 +217,46 @@ def llama_lora_step(model, params, opt, collate, micro_batches, max_grad_norm: f
     return total / max(count, 1), tokens
 
 
-def run_llama_lora(model_dir, adapter, steps, micro, frozen=False, overrides=None) -> Result:
-    cfg = llama_lora_cfg(model_dir, adapter, overrides)
-    model, params, opt, collate = llama_lora_setup(cfg, frozen)
-    model.train()
-    res = Result("(d) frozen floor" if frozen else "(a) llama-lora", "-" if frozen else adapter)
+LLAMA_LORA_VARIANTS = {  # code -> (row name, frozen, config overrides)
+    "a": ("(a) llama-lora", False, {}),
+    "d": ("(d) frozen floor", True, {}),
+    "e": ("(e) llama-lora, bf16", False, {"training.precision": "bf16"}),
+    "f": ("(f) llama-lora, peft.lean=false", False, {"peft.lean": False}),
+}
+
+
+def run_llama_lora(model_dir, adapter, steps, micro, codes) -> list[Result]:
+    """The llama-lora variants `codes` side by side: step k of every variant runs before step k+1 of
+    any, so a change in machine load hits them alike (the floor and the lean/PEFT ratios need that)."""
+    runs = []
+    for code in codes:
+        name, frozen, overrides = LLAMA_LORA_VARIANTS[code]
+        cfg = llama_lora_cfg(model_dir, adapter, overrides)
+        model, params, opt, collate = llama_lora_setup(cfg, frozen)
+        model.train()
+        runs.append((Result(name, "-" if frozen else adapter), cfg, model, params, opt, collate, frozen))
     for step in steps:
         mbs = [step[i : i + micro] for i in range(0, len(step), micro)]
-        t = time.perf_counter()
-        loss, tokens = llama_lora_step(model, params, opt, collate, mbs, cfg.training.max_grad_norm)
-        res.step_seconds.append(time.perf_counter() - t)
-        res.step_tokens.append(tokens)
-        res.losses.append(loss)
+        for res, cfg, model, params, opt, collate, frozen in runs:
+            t, c = time.perf_counter(), time.process_time()
+            loss, tokens = llama_lora_step(model, params, opt, collate, mbs, cfg.training.max_grad_norm)
+            res.step_seconds.append(time.perf_counter() - t)
+            res.step_cpu_seconds.append(time.process_time() - c)
+            res.step_tokens.append(tokens)
+            res.losses.append(loss)
+            if frozen:
+                model.zero_grad(set_to_none=True)
+    last = [steps[-1][i : i + micro] for i in range(0, len(steps[-1]), micro)]
+    out = []
+    for res, cfg, model, params, opt, collate, frozen in runs:
+        res.peak_bytes = peak_memory(
+            lambda: llama_lora_step(model, params, opt, collate, last, cfg.training.max_grad_norm), model, opt)
         if frozen:
             model.zero_grad(set_to_none=True)
-    last = [steps[-1][i : i + micro] for i in range(0, len(steps[-1]), micro)]
-    res.peak_bytes = peak_memory(lambda: llama_lora_step(model, params, opt, collate, last, cfg.training.max_grad_norm),
-                                 model, opt)
-    del model, opt
+        out.append(res)
+    del runs
     gc.collect()
-    return res
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -246,10 +271,11 @@ def _trainer_callback(res: Result, counter: dict, profile_last: bool):
             counter["tokens"] = 0
             if profile_last and state.global_step == args.max_steps - 1:
                 counter["profiling"] = True
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             res.step_seconds.append(time.perf_counter() - self.t)
+            res.step_cpu_seconds.append(time.process_time() - self.c)
             res.step_tokens.append(counter["tokens"])
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -466,11 +492,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny model and few steps (smoke test)")
     ap.add_argument("--steps", type=int, help="measured optimizer steps per method (after warm-up)")
     ap.add_argument("--adapters", default="lora,dora")
-    ap.add_argument("--methods", default="a,b,c,d", help="subset of a,b,c,d")
+    ap.add_argument("--methods", default="a,b,c,d,e",
+                    help="subset of a,b,c,d; e = (a) with training.precision=bf16; f = (a) with peft.lean=false")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--no-planner", action="store_true")
     args = ap.parse_args(argv)
+    args.argv = list(argv or [])
+    load_start = os.getloadavg()[0]
 
     spec = QUICK if args.quick else FULL
     steps_n = spec["warmup"] + (args.steps or spec["steps"])
@@ -501,28 +530,36 @@ def main(argv=None) -> dict:
     peaks = [matmul_flops(args.threads)]
     results: list[Result] = []
     methods = args.methods.split(",")
-    for adapter in args.adapters.split(","):
-        for m in methods:  # one block per method, alternating; the FLOP/s probe runs between blocks
+    unknown = set(methods) - set("abcdef")
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from a,b,c,d,e,f")
+
+    def show(r: Result, t0: float) -> None:
+        print(f"  {r.method:<32} {r.adapter:<5} {r.tokens_per_second(spec['warmup']):8.0f} tokens/s, "
+              f"{r.tokens_per_second(spec['warmup'], cpu=True):8.0f} tokens/CPU-s ({time.perf_counter() - t0:.0f}s)",
+              flush=True)
+
+    for i, adapter in enumerate(args.adapters.split(",")):
+        # llama-lora's variants interleaved step by step, then TRL and Trainer in blocks; the FLOP/s
+        # probe runs between blocks (its median is the utilisation denominator).
+        codes = [m for m in methods if m in LLAMA_LORA_VARIANTS and not (m == "d" and i > 0)]
+        t = time.perf_counter()
+        for r in run_llama_lora(model_dir, adapter, steps, micro, codes) if codes else []:
+            results.append(r)
+            show(r, t)
+        peaks.append(matmul_flops(args.threads))
+        for m in methods:
+            if m not in "bc":
+                continue
             t = time.perf_counter()
-            if m == "a":
-                r = run_llama_lora(model_dir, adapter, steps, micro)
-            elif m == "b":
-                r = run_trl(model_dir, adapter, steps, micro, tmp)
-            elif m == "c":
-                r = run_trainer_padded(model_dir, adapter, steps, micro, tmp)
-            elif m == "d":
-                if any(x.method.startswith("(d)") for x in results):
-                    continue
-                r = run_llama_lora(model_dir, adapter, steps, micro, frozen=True)
-            else:
-                raise SystemExit(f"unknown method {m}")
+            r = run_trl(model_dir, adapter, steps, micro, tmp) if m == "b" else run_trainer_padded(model_dir, adapter, steps, micro, tmp)
             results.append(r)
             peaks.append(matmul_flops(args.threads))
-            print(f"  {r.method:<28} {r.adapter:<5} {r.tokens_per_second(spec['warmup']):8.0f} tokens/s "
-                  f"({time.perf_counter() - t:.0f}s)", flush=True)
+            show(r, t)
 
     peak_flops = statistics.median(peaks)
     report = summarise(results, spec, mc, peak_flops, steps, args)
+    report["machine"]["load_average_at_start"] = load_start
     if not args.no_planner and "a" in methods:
         report["planner"] = planner_checks(model_dir, steps, micro)
         report["profile"] = profile_step(model_dir, steps, micro)
@@ -542,8 +579,10 @@ def summarise(results, spec, mc, peak_flops, steps, args) -> dict:
     mean_ctx = sum(n * n for n in lengths) / sum(lengths)  # token-weighted example length
     rows = []
     trl = {r.adapter: r.tokens_per_second(spec["warmup"]) for r in results if r.method.startswith("(b)")}
+    trl_cpu = {r.adapter: r.tokens_per_second(spec["warmup"], cpu=True) for r in results if r.method.startswith("(b)")}
     for r in results:
         tps = r.tokens_per_second(spec["warmup"])
+        tps_cpu = r.tokens_per_second(spec["warmup"], cpu=True)
         adapter_params = 0
         if r.adapter != "-":
             from llama_lora.config.schema import Config
@@ -556,13 +595,16 @@ def summarise(results, spec, mc, peak_flops, steps, args) -> dict:
         rows.append({
             "method": r.method, "adapter": r.adapter, "tokens_per_second": tps,
             "ratio_to_trl": tps / ref if ref else None,
+            "tokens_per_cpu_second": tps_cpu,
+            "cpu_ratio_to_trl": tps_cpu / (trl_cpu.get(r.adapter) or trl_cpu.get("lora")) if trl_cpu else None,
             "peak_memory_mb": r.peak_bytes / 2**20 if r.peak_bytes else None,
             "final_loss": r.losses[-1] if r.losses else None,
             "effective_mfu": flops_per_token(mc, adapter_params, mean_ctx) * tps / peak_flops,
-            "step_seconds": r.step_seconds, "step_tokens": r.step_tokens, "notes": r.notes,
+            "step_seconds": r.step_seconds, "step_cpu_seconds": r.step_cpu_seconds, "step_tokens": r.step_tokens,
+            "losses": r.losses, "notes": r.notes,
         })
     return {
-        "command": "python benchmarks/bench.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python benchmarks/bench.py", *args.argv]),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                     "load_average_at_end": os.getloadavg(), "torch": torch.__version__},
         "fp32_matmul_gflops": peak_flops / 1e9, "warmup_steps": spec["warmup"],
@@ -574,17 +616,20 @@ def summarise(results, spec, mc, peak_flops, steps, args) -> dict:
 def to_markdown(report: dict) -> str:
     lines = [
         f"Command: `{report['command']}`; {report['machine']['threads']} threads, fp32 matmul "
-        f"{report['fp32_matmul_gflops']:.0f} GFLOP/s, load average at end {report['machine']['load_average_at_end'][0]:.1f}; "
+        f"{report['fp32_matmul_gflops']:.0f} GFLOP/s, load average {report['machine'].get('load_average_at_start', 0):.1f} at start, "
+        f"{report['machine']['load_average_at_end'][0]:.1f} at end; "
         f"{report['measured_steps']} measured steps (median) after {report['warmup_steps']} warm-up, "
         f"{report['examples_per_step']} examples per step (micro-batch {report['micro_batch']}).",
         "",
-        "| method | adapter | non-padding tokens/s | vs TRL | peak memory (MiB) | final loss | effective MFU |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| method | adapter | non-padding tokens/s | vs TRL | tokens/CPU-s | vs TRL (CPU) | peak memory (MiB) "
+        "| final loss | effective MFU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['method']} | {r['adapter']} | {r['tokens_per_second']:.0f} | "
-            f"{r['ratio_to_trl'] or float('nan'):.2f}x | {r['peak_memory_mb'] or float('nan'):.0f} | "
+            f"{r['ratio_to_trl'] or float('nan'):.2f}x | {r['tokens_per_cpu_second']:.0f} | "
+            f"{r['cpu_ratio_to_trl'] or float('nan'):.2f}x | {r['peak_memory_mb'] or float('nan'):.0f} | "
             f"{r['final_loss'] if r['final_loss'] is not None else float('nan'):.3f} | {r['effective_mfu']:.2f} |"
         )
     if report.get("planner"):

@@ -122,7 +122,7 @@ def run_one(base: Config, exp_dir: Path, name: str, overrides: list[str], rows: 
         return row
     if base.experiment.evaluate:
         try:
-            row["exact_match"] = _evaluate(cfg, run_dir, exp_dir)
+            row["exact_match"] = _evaluate(cfg, run_dir, exp_dir, reuse=row["status"] == "skipped")
         except Exception as e:  # noqa: BLE001 - the run itself is fine; report the missing score
             row["error"] = f"eval failed: {_one_line(e)}"
             log.error("Run %s: evaluation failed: %s", name, row["error"])
@@ -260,16 +260,13 @@ def _metrics(run_dir: RunDir) -> dict[str, Any]:
     return {k: m.get(k) for k in keys}
 
 
-def _evaluate(cfg: Config, run_dir: RunDir, exp_dir: Path) -> float | None:
-    """Exact match (overall) from the eval command, run unless an eval.json with these settings exists."""
+def _evaluate(cfg: Config, run_dir: RunDir, exp_dir: Path, reuse: bool) -> float | None:
+    """Exact match (overall) from the eval command; a skipped run's eval.json is reused if its settings match."""
     from llama_lora import eval as eval_cmd
 
     eval_file = run_dir.path / "eval.json"
-    if eval_file.is_file():
-        result = artifacts.read_json(eval_file)
-        if result.get("settings", {}).get("max_new_tokens") != cfg.eval.max_new_tokens:
-            result = None
-    else:
+    result = artifacts.read_json(eval_file) if reuse and eval_file.is_file() else None
+    if result and result.get("settings", {}).get("max_new_tokens") != cfg.eval.max_new_tokens:
         result = None
     if result is None:
         eval_cfg = cfg.model_copy(deep=True)

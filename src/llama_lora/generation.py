@@ -76,8 +76,9 @@ def _apply_overrides(base: dict[str, Any], overrides: list[str]) -> dict[str, An
     groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in _GROUPS]
     if groups:
         raise LlamaLoraError(
-            f"{groups} select config groups, which cannot change for an existing run (its config.yaml is "
-            "already composed). Override single fields instead, e.g. infer.max_new_tokens=64."
+            f"{groups} select config groups, which cannot change for an existing run: its config.yaml already "
+            "holds the composed result. Leave them out (name the run with run_dir=...) and override single "
+            "fields if needed, e.g. infer.max_new_tokens=64."
         )
     dotlist = [o.lstrip("+") for o in overrides if not o.startswith("~")]
     try:

@@ -67,6 +67,18 @@ def test_run_overrides_land_on_the_preset_groups_included():
         experiment.compose_run(base, ["peft.r=4,8"])
 
 
+@pytest.mark.parametrize("preset", ["compare_lora_dora", "search_quickstart"])
+def test_shipped_presets_compose_every_run(preset):
+    base = load_config([f"experiment={preset}"])
+    assert base.training.max_steps < load_config(["experiment=quickstart"]).training.max_steps  # short runs
+    for name, overrides in base.runs.items():
+        cfg = experiment.compose_run(base, overrides)
+        assert f"peft.r={cfg.peft.r}" in overrides and name.startswith(cfg.peft.method)
+    space = base.experiment.search.space
+    assert bool(base.runs) != bool(base.experiment.search.n_trials)  # a grid or a search
+    assert all(experiment._distribution(v) for v in space.values())  # a valid Optuna space
+
+
 def test_cli_refuses_a_sweep_without_m_and_an_empty_experiment():
     with pytest.raises(LlamaLoraError, match="add -m"):
         experiment.cli(["peft.r=4,8"])
@@ -141,12 +153,13 @@ def test_rerun_skips_finished_runs_and_redoes_failed_ones(grid):
     (exp_dir / "dora" / "run.json").write_text(json.dumps(status | {"status": "failed", "error": "crash"}))
     watched = [exp_dir / "lora" / f for f in ("metrics.json", "eval.json", "adapter/adapter_model.safetensors")]
     before = {p: os.stat(p).st_mtime_ns for p in watched}
-    dora_before = os.stat(exp_dir / "dora" / "metrics.json").st_mtime_ns
+    dora_before = {f: os.stat(exp_dir / "dora" / f).st_mtime_ns for f in ("metrics.json", "eval.json")}
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         summary = experiment.run(cfg)
     assert {r["run"]: r["status"] for r in summary["runs"]} == {"lora": "skipped", "dora": "finished"}
     assert {p: os.stat(p).st_mtime_ns for p in watched} == before  # no repeated work for the finished run
-    assert os.stat(exp_dir / "dora" / "metrics.json").st_mtime_ns > dora_before  # the failed one was redone
+    for f, mtime in dora_before.items():  # the failed one was trained and evaluated again
+        assert os.stat(exp_dir / "dora" / f).st_mtime_ns > mtime, f
     lora = next(r for r in summary["runs"] if r["run"] == "lora")
     assert lora["eval_loss"] is not None and lora["exact_match"] is not None  # read back from its files
     assert "skipped" in printed.getvalue()

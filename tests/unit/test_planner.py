@@ -4,6 +4,7 @@ vs a measured peak, budgets, and auto_batch_size keeping the global batch."""
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -139,3 +140,19 @@ def test_auto_batch_size_keeps_the_global_batch():
     tight = base.model_copy(update={"training": base.training.model_copy(update={"memory_budget_gb": 0.5})})
     with pytest.raises(LlamaLoraError, match="Even a micro-batch of 1.*gradient_checkpointing"):
         auto_batch_size(tight, LLAMA_32_1B, "cpu", lengths)
+
+
+@pytest.mark.slow
+def test_train_auto_batch_size_picks_a_divisor_and_logs_it(tmp_path, embedded_model, embedded_data):
+    from tests.conftest import run_cli
+
+    # The embedded model is tiny: the runtime's fixed overhead (~0.55 GiB planned on CPU) dominates,
+    # so a budget just above it leaves room for a few examples per forward pass only.
+    run_cli("train", "experiment=quickstart", "training.max_steps=2", "training.eval_every=0",
+            "training.auto_batch_size=true", "training.memory_budget_gb=0.553", "data.max_eval_examples=8",
+            f"output_dir={tmp_path}", "run_name=auto")
+    log = (tmp_path / "auto" / "train.log").read_text()
+    line = next(ln for ln in log.splitlines() if "auto_batch_size: micro-batch" in ln)
+    micro, accum = (int(v) for v in re.search(r"micro-batch (\d+) x (\d+) accumulation", line).groups())
+    assert micro * accum == 16 and 1 <= micro < 16, line  # quickstart: 16 x 1 configured
+    assert f"global batch 16 ({micro} x {accum} accumulation" in log  # the loop runs with the chosen split

@@ -1,7 +1,9 @@
-"""The offline default: a tiny pre-trained Llama, its tokenizer, and generated instruction data.
+"""The embedded default: a tiny Llama base model, tokenizer and instruction data set that the
+project builds itself, so that everything works offline.
 
-Everything is built on first use into a cache directory and then loaded through the ordinary
-`from_pretrained` / data-file code paths that hub models and user files take.
+They are materialised into a cache directory with ``save_pretrained`` / JSONL files and then
+loaded by the same code that loads hub models and data sets. The directory names carry a
+version: change the recipe -> bump the version -> a fresh directory is built.
 """
 
 from __future__ import annotations
@@ -11,40 +13,62 @@ import os
 import shutil
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from .base_model import build_base_model
+from .data import FINETUNE_TASKS, PRETRAIN_TASKS, exact_match, generate_splits, write_jsonl
+from .tokenizer import build_tokenizer
 
-# Bump a suffix when its recipe changes, so a stale cache is never reused.
-BASE_MODEL_DIR = "tiny-llama-v1"
-DATASET_DIR = "embedded-instructions-v1"
-SPLIT_SIZES = {"n_train": 2000, "n_validation": 200, "n_test": 200}
+logger = logging.getLogger(__name__)
+
+BASE_MODEL_DIRNAME = "tiny-llama-v1"
+DATASET_DIRNAME = "embedded-instructions-v1"
+SPLIT_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl")
+# Sizes of the embedded data set (balanced over the FINETUNE_TASKS families).
+DATASET_SIZES = {"n_train": 4000, "n_validation": 200, "n_test": 400}
+
+__all__ = [
+    "FINETUNE_TASKS",
+    "PRETRAIN_TASKS",
+    "build_base_model",
+    "build_tokenizer",
+    "default_cache_dir",
+    "ensure_base_model",
+    "ensure_dataset",
+    "exact_match",
+    "generate_splits",
+    "write_jsonl",
+]
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LLAMA_LORA_CACHE") or Path.home() / ".cache" / "llama_lora").expanduser()
+    """``$LLAMA_LORA_CACHE`` if set, else ``~/.cache/llama_lora``."""
+    env = os.environ.get("LLAMA_LORA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "llama_lora"
 
 
 def ensure_base_model(cache_dir: str | Path | None = None) -> Path:
-    """<cache>/tiny-llama-v1, built (and pre-trained) the first time it is asked for."""
-    from llama_lora.embedded.base_model import build_base_model, complete
-
-    path = Path(cache_dir or default_cache_dir()) / BASE_MODEL_DIR
-    if not complete(path):
-        log.info("Building the embedded tiny Llama in %s (once; about a minute or two on CPU)", path)
-        build_base_model(path)
-    return path
+    """Path of the embedded base model (``<cache>/tiny-llama-v1``), building it on first use."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return build_base_model(root / BASE_MODEL_DIRNAME)  # returns at once when already built
 
 
 def ensure_dataset(cache_dir: str | Path | None = None) -> Path:
-    """<cache>/embedded-instructions-v1 with train/validation/test.jsonl, generated if missing."""
-    from llama_lora.embedded.data import generate_splits, write_jsonl
+    """Directory (``<cache>/embedded-instructions-v1``) holding train/validation/test JSONL files.
 
-    path = Path(cache_dir or default_cache_dir()) / DATASET_DIR
-    if all((path / f"{s}.jsonl").is_file() for s in ("train", "validation", "test")):
-        return path
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    Generated on first use into a temporary sibling, then renamed into place, so readers
+    never see a partial data set.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    out = root / DATASET_DIRNAME
+    if all((out / name).is_file() for name in SPLIT_FILES):
+        return out
+    logger.info("generating the embedded instruction data set into %s", out)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_jsonl(generate_splits(seed=0, **SPLIT_SIZES), tmp)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return path
+    try:
+        write_jsonl(generate_splits(seed=0, **DATASET_SIZES), tmp)
+        if not all((out / name).is_file() for name in SPLIT_FILES):  # else another process won
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
