@@ -196,7 +196,8 @@ def llama_lora_setup(cfg, frozen: bool = False):
     return model, params, opt, data_lib.make_collate(cfg.data.packing, PAD)
 
 
-def llama_lora_step(model, params, opt, collate, micro_batches, max_grad_norm: float) -> tuple[float, int]:
+def llama_lora_step(model, params, opt, collate, micro_batches, max_grad_norm: float,
+                    scheduler=None) -> tuple[float, int]:
     """One optimizer step as train.py's loop does it; returns (mean response-token loss, tokens)."""
     from llama_lora.data import IGNORE_INDEX
     from llama_lora.evaluate import response_loss_sum
@@ -213,6 +214,8 @@ def llama_lora_step(model, params, opt, collate, micro_batches, max_grad_norm: f
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
+        if scheduler is not None:
+            scheduler.step()
         opt.zero_grad(set_to_none=True)
     return total / max(count, 1), tokens
 
@@ -228,18 +231,23 @@ LLAMA_LORA_VARIANTS = {  # code -> (row name, frozen, config overrides)
 def run_llama_lora(model_dir, adapter, steps, micro, codes) -> list[Result]:
     """The llama-lora variants `codes` side by side: step k of every variant runs before step k+1 of
     any, so a change in machine load hits them alike (the floor and the lean/PEFT ratios need that)."""
+    from transformers import get_scheduler
+
     runs = []
     for code in codes:
         name, frozen, overrides = LLAMA_LORA_VARIANTS[code]
         cfg = llama_lora_cfg(model_dir, adapter, overrides)
         model, params, opt, collate = llama_lora_setup(cfg, frozen)
         model.train()
-        runs.append((Result(name, "-" if frozen else adapter), cfg, model, params, opt, collate, frozen))
+        tc = cfg.training  # train.py's schedule (warm-up + cosine over the run's steps)
+        sched = None if frozen else get_scheduler(tc.lr_scheduler, opt, num_warmup_steps=round(tc.warmup_ratio * len(steps)),
+                                                  num_training_steps=len(steps))
+        runs.append((Result(name, "-" if frozen else adapter), cfg, model, params, opt, collate, frozen, sched))
     for step in steps:
         mbs = [step[i : i + micro] for i in range(0, len(step), micro)]
-        for res, cfg, model, params, opt, collate, frozen in runs:
+        for res, cfg, model, params, opt, collate, frozen, sched in runs:
             t, c = time.perf_counter(), time.process_time()
-            loss, tokens = llama_lora_step(model, params, opt, collate, mbs, cfg.training.max_grad_norm)
+            loss, tokens = llama_lora_step(model, params, opt, collate, mbs, cfg.training.max_grad_norm, sched)
             res.step_seconds.append(time.perf_counter() - t)
             res.step_cpu_seconds.append(time.process_time() - c)
             res.step_tokens.append(tokens)
@@ -248,7 +256,7 @@ def run_llama_lora(model_dir, adapter, steps, micro, codes) -> list[Result]:
                 model.zero_grad(set_to_none=True)
     last = [steps[-1][i : i + micro] for i in range(0, len(steps[-1]), micro)]
     out = []
-    for res, cfg, model, params, opt, collate, frozen in runs:
+    for res, cfg, model, params, opt, collate, frozen, sched in runs:
         res.peak_bytes = peak_memory(
             lambda: llama_lora_step(model, params, opt, collate, last, cfg.training.max_grad_norm), model, opt)
         if frozen:

@@ -19,8 +19,8 @@ from .tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
 
-BASE_MODEL_DIRNAME = "tiny-llama-v1"
-DATASET_DIRNAME = "embedded-instructions-v1"
+BASE_MODEL_DIRNAME = "tiny-llama-v2"
+DATASET_DIRNAME = "embedded-instructions-v2"
 SPLIT_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl")
 # Sizes of the embedded data set (balanced over the FINETUNE_TASKS families).
 DATASET_SIZES = {"n_train": 4000, "n_validation": 200, "n_test": 400}
@@ -46,13 +46,13 @@ def default_cache_dir() -> Path:
 
 
 def ensure_base_model(cache_dir: str | Path | None = None) -> Path:
-    """Path of the embedded base model (``<cache>/tiny-llama-v1``), building it on first use."""
+    """Path of the embedded base model (``<cache>/tiny-llama-v2``), building it on first use."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return build_base_model(root / BASE_MODEL_DIRNAME)  # returns at once when already built
 
 
 def ensure_dataset(cache_dir: str | Path | None = None) -> Path:
-    """Directory (``<cache>/embedded-instructions-v1``) holding train/validation/test JSONL files.
+    """Directory (``<cache>/embedded-instructions-v2``) holding train/validation/test JSONL files.
 
     Generated on first use into a temporary sibling, then renamed into place, so readers
     never see a partial data set.

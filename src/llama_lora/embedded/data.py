@@ -136,7 +136,10 @@ def _number(rng: random.Random) -> str:
     return str(rng.randrange(1, 100))
 
 
-# Short phrasings: sequence length is what the CPU pays for.
+# Building blocks of the fine-tune families, never the families themselves: copying and
+# character positions (for reverse), case mapping of one letter (for uppercase), smallest/
+# largest digit (for sort), next/previous number (for add). Short phrasings: sequence
+# length is what the CPU pays for.
 PRETRAIN_TASKS: dict[str, Task] = {
     "copy": (["Copy the word.", "Copy:"], _pre(lambda w: w)),
     "lowercase": (["Lowercase the word.", "Lowercase:"], _pre(str.lower, _upper_word)),
