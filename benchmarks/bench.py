@@ -543,6 +543,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from a,b,c,d,e,f")
 
     def show(r: Result, t0: float) -> None:
+        # Partial results survive an interrupted run.
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "partial.json").write_text(json.dumps([vars(x) for x in results], indent=1))
         print(f"  {r.method:<32} {r.adapter:<5} {r.tokens_per_second(spec['warmup']):8.0f} tokens/s, "
               f"{r.tokens_per_second(spec['warmup'], cpu=True):8.0f} tokens/CPU-s ({time.perf_counter() - t0:.0f}s)",
               flush=True)
@@ -574,6 +577,7 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "bench-quick" if args.quick else "bench"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (args.out / "partial.json").unlink(missing_ok=True)
     md = to_markdown(report)
     (args.out / f"{stem}.md").write_text(md)
     print(md)
