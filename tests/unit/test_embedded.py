@@ -166,7 +166,8 @@ def test_build_base_model(tmp_path):
     info = json.loads((out / "embedded.json").read_text())
     assert info["pretrain_steps"] == 2 and info["seed"] == 0 and info["params"] > 0
 
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Copy:\n\ncat"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    messages = [{"role": "user", "content": "Copy:\n\ncat"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         logits = model(**prompt).logits
     assert logits.shape[-1] == len(tok) and torch.isfinite(logits).all()

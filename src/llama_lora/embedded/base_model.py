@@ -132,7 +132,7 @@ def build_base_model(out_dir: str | Path, seed: int = 0, pretrain_steps: int = P
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
         n_params = sum(p.numel() for p in model.parameters())
-        logger.info("building embedded base model (%d params, %d pretrain steps) into %s", n_params, pretrain_steps, out_dir)
+        logger.info("building embedded base model (%d params, %d steps) into %s", n_params, pretrain_steps, out_dir)
         final_loss = pretrain(model, tok, pretrain_steps, seed) if pretrain_steps > 0 else float("nan")
     # Stop on either end-of-turn or end-of-text, as Llama-3 Instruct does.
     model.generation_config = GenerationConfig(

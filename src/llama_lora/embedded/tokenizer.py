@@ -39,7 +39,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per byte
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     core.decoder = decoders.ByteLevel()
-    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])  # ids 256-261, in order
+    # Specials get ids 256-261 in SPECIAL_TOKENS order and are never split into bytes.
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     # No post-processor: tokenizer("abc") carries no specials; the chat template adds bos.
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
