@@ -3,11 +3,10 @@ files that plain peft loads with equal outputs, and keeps DoRA's norm right as t
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
-
-import pytest
 
 from llama_lora.kernels import _dropout_keep, _LeanLinear, _row_norm, apply_lean, remove_lean
 
