@@ -9,7 +9,6 @@ baseline with identical settings is already cached (`<run>/baseline.json`, or th
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -22,7 +21,7 @@ from llama_lora import artifacts, data as data_lib
 from llama_lora.config.schema import Config
 from llama_lora.errors import LlamaLoraError
 from llama_lora.evaluate import evaluate_split
-from llama_lora.generation import cli_config, is_override, load_for_inference, split_run_dir_arg
+from llama_lora.generation import load_for_inference, run_dir_cli
 
 log = logging.getLogger("llama_lora.eval")
 
@@ -141,14 +140,7 @@ def print_report(result: dict, console: Console | None = None) -> None:
 
 
 def cli(args: list[str]) -> dict:
-    rest, run_dir = split_run_dir_arg(args)
-    overrides = [a for a in rest if is_override(a)]
-    parser = argparse.ArgumentParser(prog="llama-lora eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", nargs="?", help="run directory (default: infer.run_dir, else the latest finished run)")
-    ns = parser.parse_args([a for a in rest if a not in overrides])
-    return run(cli_config(overrides, ns.run_dir or run_dir))
-
+    return run(run_dir_cli("eval", __doc__, args))
 
 if __name__ == "__main__":
     from llama_lora.cli import main

@@ -109,6 +109,19 @@ def cli_config(overrides: list[str], run_dir: str | None = None) -> Config:
     return config_for(target, overrides)
 
 
+def run_dir_cli(prog: str, description: str | None, args: list[str]) -> Config:
+    """Parse `llama-lora <prog> [RUN_DIR] [run_dir=...] [overrides]` into the run's config (eval, merge)."""
+    import argparse
+
+    rest, run_dir = split_run_dir_arg(args)
+    overrides = [a for a in rest if is_override(a)]
+    parser = argparse.ArgumentParser(prog=f"llama-lora {prog}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", nargs="?", help="run directory (default: infer.run_dir, else the latest finished run)")
+    ns = parser.parse_args([a for a in rest if a not in overrides])
+    return cli_config(overrides, ns.run_dir or run_dir)
+
+
 def split_run_dir_arg(args: list[str]) -> tuple[list[str], str | None]:
     """Accept `run_dir=PATH` as a shorthand for infer.run_dir=PATH."""
     run_dir = None

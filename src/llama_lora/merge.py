@@ -8,7 +8,6 @@ beyond a dtype-appropriate tolerance the merge is refused and nothing is left be
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import sys
@@ -23,8 +22,8 @@ from llama_lora.artifacts import RunDir
 from llama_lora.config.schema import Config
 from llama_lora.errors import LlamaLoraError
 from llama_lora.generation import (
-    base_model_of, cli_config, inference_runtime, is_override, is_run_dir, load_adapter, read_prompt_format,
-    resolve_target, split_run_dir_arg, with_dtype,
+    base_model_of, inference_runtime, is_run_dir, load_adapter, read_prompt_format, resolve_target, run_dir_cli,
+    with_dtype,
 )
 
 log = logging.getLogger("llama_lora.merge")
@@ -147,14 +146,7 @@ def _failure(report: dict, tied_head: bool) -> str:
 
 
 def cli(args: list[str]) -> Path:
-    rest, run_dir = split_run_dir_arg(args)
-    overrides = [a for a in rest if is_override(a)]
-    parser = argparse.ArgumentParser(prog="llama-lora merge", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", nargs="?", help="run directory (default: infer.run_dir, else the latest finished run)")
-    ns = parser.parse_args([a for a in rest if a not in overrides])
-    return run(cli_config(overrides, ns.run_dir or run_dir))
-
+    return run(run_dir_cli("merge", __doc__, args))
 
 if __name__ == "__main__":
     from llama_lora.cli import main

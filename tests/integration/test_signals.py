@@ -19,13 +19,6 @@ from tests.integration._train_proc import (
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "reliability"
-    path.mkdir(exist_ok=True)
-    return path
-
-
 def test_sigterm_saves_a_checkpoint_says_where_and_the_same_command_resumes(root, tiny_base, tmp_path):
     ref = reference_run(root, tiny_base)
     args = train_args(tiny_base, data_file(root), tmp_path, "run")
