@@ -53,26 +53,39 @@ FULL = dict(
                num_attention_heads=8, num_key_value_heads=4),
     lengths=(32, 512), median_length=150, examples_per_step=16, micro=4, warmup=1, steps=5,
 )
+# The reference target's shape (meta-llama/Llama-3.2-1B-Instruct, random weights, saved in bf16 as on
+# the hub): for GPUs (--size 1b --device cuda), where the 40M model is too small to fill the device.
+LLAMA_1B = dict(
+    model=dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+    lengths=(32, 512), median_length=150, examples_per_step=16, micro=4, warmup=2, steps=8, dtype="bfloat16",
+)
 QUICK = dict(
     model=dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2),
     lengths=(16, 64), median_length=32, examples_per_step=4, micro=2, warmup=1, steps=2,
 )
 PAD, EOS = 0, 1
+DEVICE = "cpu"  # --device: where every method runs
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------------------------------
 # Model, tokenizer and data shared by every method.
 
 
-def build_model_dir(spec: dict, root: Path) -> Path:
+def build_model_dir(spec: dict, root: Path, dtype: str = "float32") -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     torch.manual_seed(0)
     cfg = LlamaConfig(**spec, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=None,
                       eos_token_id=EOS, pad_token_id=PAD)
-    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    LlamaForCausalLM(cfg).to(getattr(torch, dtype)).save_pretrained(root / "model")
     # A word-level tokenizer whose words are the token ids ("w123"), so TRL can tokenize text that
     # maps 1:1 onto the token lists llama-lora trains on.
     vocab = {"<pad>": PAD, "<eos>": EOS, "<unk>": 2} | {f"w{i}": i for i in range(3, spec["vocab_size"])}
@@ -118,6 +131,7 @@ class Result:
     losses: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
     notes: str = ""
+    micro: int = 0  # examples per forward pass
 
     def tokens_per_second(self, warmup: int, cpu: bool = False) -> float:
         secs = self.step_cpu_seconds if cpu else self.step_seconds
@@ -126,13 +140,19 @@ class Result:
 
 
 def matmul_flops(threads: int, n: int = 1536, repeats: int = 6) -> float:
-    """fp32 matmul FLOP/s on this machine now (best of a few; the utilisation denominator)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    """Matmul FLOP/s on this machine now (best of a few; the utilisation denominator): fp32 on CPU, and
+    on CUDA bf16 (the training precision there) at 8192^3 on random data."""
+    dtype = torch.float32
+    if DEVICE == "cuda":
+        n, dtype = 8192, torch.bfloat16
+    a, b = torch.randn(n, n, device=DEVICE, dtype=dtype), torch.randn(n, n, device=DEVICE, dtype=dtype)
     a @ b
+    _sync()
     best = 0.0
     for _ in range(repeats):
         t = time.perf_counter()
         a @ b
+        _sync()
         best = max(best, 2 * n**3 / (time.perf_counter() - t))
     return best
 
@@ -163,7 +183,7 @@ def peak_memory(run_one_step, model, optimizer=None) -> int:
 def llama_lora_cfg(model_dir: Path, adapter: str, overrides: dict | None = None):
     from llama_lora.config.schema import Config
 
-    cfg = Config(model={"name_or_path": str(model_dir)}, peft={"method": adapter}, training={"device": "cpu"})
+    cfg = Config(model={"name_or_path": str(model_dir)}, peft={"method": adapter}, training={"device": DEVICE})
     for key, value in (overrides or {}).items():  # "data.packing": False, ...
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
@@ -185,14 +205,22 @@ def llama_lora_setup(cfg, frozen: bool = False):
         # The floor still back-propagates through every layer, as an adapter in layer 0 would need.
         model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
         prepare_for_training(model, cfg)
+        model.bench_amp = _amp(runtime)
         return model, [], None, data_lib.make_collate(cfg.data.packing, PAD)
     model = apply_adapter(model, cfg.peft)
     prepare_for_training(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     tc = cfg.training
     opt = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay,
-                            betas=(tc.adam_beta1, tc.adam_beta2))
+                            betas=(tc.adam_beta1, tc.adam_beta2), fused=runtime.fused_adamw or None)
+    model.bench_amp = _amp(runtime)
     return model, params, opt, data_lib.make_collate(cfg.data.packing, PAD)
+
+
+def _amp(runtime):
+    """The autocast train.py runs under (accelerate's mixed precision): None for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(runtime.precision)
+    return (runtime.device, dtype) if dtype is not None else None
 
 
 def llama_lora_step(model, params, opt, collate, micro_batches, max_grad_norm: float,
@@ -203,11 +231,14 @@ def llama_lora_step(model, params, opt, collate, micro_batches, max_grad_norm: f
 
     count = sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for mb in micro_batches for e in mb)
     total, tokens = 0.0, 0
+    amp = getattr(model, "bench_amp", None)
+    total = torch.zeros((), device=DEVICE)
     for mb in micro_batches:
-        batch = collate(mb)
-        loss_sum, _ = response_loss_sum(model, batch)
-        (loss_sum / max(count, 1)).backward()
-        total += float(loss_sum.detach())
+        batch = {k: v.to(DEVICE) for k, v in collate(mb).items()}
+        with torch.autocast(*amp) if amp else contextlib.nullcontext():
+            loss_sum, _ = response_loss_sum(model, batch)
+            (loss_sum / max(count, 1)).backward()
+        total += loss_sum.detach()
         tokens += sum(len(e["input_ids"]) for e in mb)
     if opt is not None:
         if max_grad_norm > 0:
@@ -216,7 +247,7 @@ def llama_lora_step(model, params, opt, collate, micro_batches, max_grad_norm: f
         if scheduler is not None:
             scheduler.step()
         opt.zero_grad(set_to_none=True)
-    return total / max(count, 1), tokens
+    return float(total) / max(count, 1), tokens
 
 
 LLAMA_LORA_VARIANTS = {  # code -> (row name, frozen, config overrides)
@@ -224,6 +255,10 @@ LLAMA_LORA_VARIANTS = {  # code -> (row name, frozen, config overrides)
     "d": ("(d) frozen floor", True, {}),
     "e": ("(e) llama-lora, bf16", False, {"training.precision": "bf16"}),
     "f": ("(f) llama-lora, peft.lean=false", False, {"peft.lean": False}),
+    # The global batch stays 16 examples; the planner picks the micro-batch (GPU users' one flag).
+    "g": ("(g) llama-lora, auto_batch_size", False, {"training.auto_batch_size": True}),
+    "h": ("(h) llama-lora, auto_batch_size, peft.lean=false", False,
+          {"training.auto_batch_size": True, "peft.lean": False}),
 }
 
 
@@ -241,28 +276,38 @@ def run_llama_lora(model_dir, adapter, steps, micro, codes) -> list[Result]:
         tc = cfg.training  # train.py's schedule (warm-up + cosine over the run's steps)
         sched = None if frozen else get_scheduler(tc.lr_scheduler, opt, num_warmup_steps=round(tc.warmup_ratio * len(steps)),
                                                   num_training_steps=len(steps))
-        runs.append((Result(name, "-" if frozen else adapter), cfg, model, params, opt, collate, frozen, sched))
+        res = Result(name, "-" if frozen else adapter)
+        res.micro = micro
+        if cfg.training.auto_batch_size:
+            from llama_lora.planner import auto_batch_size
+
+            res.micro, _, plan = auto_batch_size(cfg, model.get_base_model().config, DEVICE,
+                                                 [len(e["input_ids"]) for s in steps for e in s])
+            res.notes = f"micro-batch {res.micro} (planned peak {plan.total_bytes / 2**30:.1f} GiB)"
+        runs.append((res, cfg, model, params, opt, collate, frozen, sched))
     for step in steps:
-        mbs = [step[i : i + micro] for i in range(0, len(step), micro)]
         for res, cfg, model, params, opt, collate, frozen, sched in runs:
+            mbs = [step[i : i + res.micro] for i in range(0, len(step), res.micro)]
+            _sync()
             t, c = time.perf_counter(), time.process_time()
             loss, tokens = llama_lora_step(model, params, opt, collate, mbs, cfg.training.max_grad_norm, sched)
+            _sync()
             res.step_seconds.append(time.perf_counter() - t)
             res.step_cpu_seconds.append(time.process_time() - c)
             res.step_tokens.append(tokens)
             res.losses.append(loss)
             if frozen:
                 model.zero_grad(set_to_none=True)
-    last = [steps[-1][i : i + micro] for i in range(0, len(steps[-1]), micro)]
     out = []
     for res, cfg, model, params, opt, collate, frozen, sched in runs:
+        last = [steps[-1][i : i + res.micro] for i in range(0, len(steps[-1]), res.micro)]
         res.peak_bytes = peak_memory(
             lambda: llama_lora_step(model, params, opt, collate, last, cfg.training.max_grad_norm), model, opt)
         if frozen:
             model.zero_grad(set_to_none=True)
         out.append(res)
     del runs
-    gc.collect()
+    _free()
     return out
 
 
@@ -275,12 +320,14 @@ def _trainer_callback(res: Result, counter: dict, profile_last: bool):
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            _sync()
             counter["tokens"] = 0
             if profile_last and state.global_step == args.max_steps - 1:
                 counter["profiling"] = True
             self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
+            _sync()
             res.step_seconds.append(time.perf_counter() - self.t)
             res.step_cpu_seconds.append(time.process_time() - self.c)
             res.step_tokens.append(counter["tokens"])
@@ -320,21 +367,22 @@ def run_trl(model_dir, adapter, steps, micro, out_dir) -> Result:
     args = SFTConfig(  # TRL's defaults except what must match: batch, steps, no saving/logging services
         output_dir=str(out_dir / "trl"), per_device_train_batch_size=micro, gradient_accumulation_steps=per_step // micro,
         max_steps=len(steps), logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
-        use_cpu=True, seed=0,
+        use_cpu=DEVICE == "cpu", seed=0,
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = str(model_dir)  # TRL loads it with its own defaults (dtype from the checkpoint's config)
     peft_cfg: LoraConfig = lora_config(PeftConfig(method=adapter))
     counter = {"tokens": 0}
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(model_dir),
                          peft_config=peft_cfg, callbacks=[_trainer_callback(res, counter, False)])
     hook = _count_tokens(trainer.model, counter)
     trainer.train()
-    res.notes = f"bf16={args.bf16}, gradient_checkpointing={args.gradient_checkpointing}, lr={args.learning_rate}"
+    res.notes = (f"bf16={args.bf16}, gradient_checkpointing={args.gradient_checkpointing}, lr={args.learning_rate}, "
+                 f"dtype {trainer.model.dtype}")
     res.peak_bytes = _trainer_peak(trainer, counter)
     hook.remove()
     del trainer, model
-    gc.collect()
+    _free()
     return res
 
 
@@ -356,8 +404,8 @@ def run_trainer_padded(model_dir, adapter, steps, micro, out_dir, max_len=512) -
     per_step = len(steps[0])
     args = TrainingArguments(output_dir=str(out_dir / "trainer"), per_device_train_batch_size=micro,
                              gradient_accumulation_steps=per_step // micro, max_steps=len(steps), logging_steps=1,
-                             save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, seed=0,
-                             learning_rate=2e-4, remove_unused_columns=False)
+                             save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=DEVICE == "cpu", seed=0,
+                             learning_rate=2e-4, remove_unused_columns=False, bf16=DEVICE == "cuda")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.config.use_cache = False
@@ -367,11 +415,11 @@ def run_trainer_padded(model_dir, adapter, steps, micro, out_dir, max_len=512) -
                       callbacks=[_trainer_callback(res, counter, False)])
     hook = _count_tokens(trainer.model, counter)
     trainer.train()
-    res.notes = f"padded to {max_len}, fp32"
+    res.notes = f"padded to {max_len}, {'bf16 autocast' if args.bf16 else 'fp32'}, dtype {model.dtype}"
     res.peak_bytes = _trainer_peak(trainer, counter)
     hook.remove()
     del trainer, model
-    gc.collect()
+    _free()
     return res
 
 
@@ -426,14 +474,20 @@ def planner_checks(model_dir, steps, micro) -> list[dict]:
                   else len(mb) * max(len(e["input_ids"]) for e in mb))
         tokens = sum(len(e["input_ids"]) for e in big) if cfg.data.packing else len(big) * max(len(e["input_ids"]) for e in big)
         loss_tokens = sum(sum(l != -100 for l in e["labels"][1:]) for e in big) if cfg.data.packing else None
-        plan = plan_memory(cfg, mc, "cpu", len(big), tokens_per_micro_batch=tokens,
+        plan = plan_memory(cfg, mc, DEVICE, len(big), tokens_per_micro_batch=tokens,
                            rows_per_micro_batch=1 if cfg.data.packing else len(big),
                            loss_tokens_per_micro_batch=loss_tokens if loss_tokens is not None else _padded_keep(big))
         out.append({"config": name, "predicted_bytes": plan.tensor_bytes, "measured_bytes": measured,
                     "error": plan.tensor_bytes / measured - 1, "breakdown": plan.breakdown})
         del model, opt
-        gc.collect()
+        _free()
     return out
+
+
+def _free() -> None:
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _padded_keep(mb) -> int:
@@ -461,27 +515,37 @@ def profile_step(model_dir, steps, micro, adapter="lora") -> dict:
     parts = {"data (collate)": 0.0, "forward": 0.0, "backward": 0.0, "optimizer (clip + AdamW)": 0.0}
     vocab_part = 0.0
     head = model.get_base_model().lm_head.weight
+    amp = model.bench_amp
+    autocast = (lambda: torch.autocast(*amp)) if amp else contextlib.nullcontext
     for step in steps[:3]:
         for mb in [step[i : i + micro] for i in range(0, len(step), micro)]:
+            _sync()
             t0 = time.perf_counter()
-            batch = collate(mb)
+            batch = {k: v.to(DEVICE) for k, v in collate(mb).items()}
+            _sync()
             t1 = time.perf_counter()
-            loss_sum, n = response_loss_sum(model, batch)
+            with autocast():
+                loss_sum, n = response_loss_sum(model, batch)
+            _sync()
             t2 = time.perf_counter()
             loss_sum.backward()
+            _sync()
             t3 = time.perf_counter()
             parts["data (collate)"] += t1 - t0
             parts["forward"] += t2 - t1
             parts["backward"] += t3 - t2
-            hidden = torch.randn(n, head.shape[1], requires_grad=True)
-            targets = torch.randint(0, head.shape[0], (n,))
+            hidden = torch.randn(n, head.shape[1], requires_grad=True, device=DEVICE)
+            targets = torch.randint(0, head.shape[0], (n,), device=DEVICE)
             t4 = time.perf_counter()
-            F.cross_entropy((hidden @ head.t()).float(), targets, reduction="sum").backward()
+            with autocast():
+                F.cross_entropy((hidden @ head.t()).float(), targets, reduction="sum").backward()
+            _sync()
             vocab_part += time.perf_counter() - t4
         t5 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        _sync()
         parts["optimizer (clip + AdamW)"] += time.perf_counter() - t5
     total = sum(parts.values())
     out = {k: {"seconds": v / 3, "share": v / total} for k, v in parts.items()}
@@ -496,10 +560,14 @@ def profile_step(model_dir, steps, micro, adapter="lora") -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model and few steps (smoke test)")
+    ap.add_argument("--size", choices=["40m", "1b"], default="40m",
+                    help="40m: the CPU benchmark's model; 1b: Llama-3.2-1B's shape (for a GPU)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--steps", type=int, help="measured optimizer steps per method (after warm-up)")
     ap.add_argument("--adapters", default="lora,dora")
     ap.add_argument("--methods", default="a,b,c,d",
-                    help="subset of a,b,c,d; e = (a) with training.precision=bf16; f = (a) with peft.lean=false")
+                    help="subset of a,b,c,d; e = (a) with training.precision=bf16; f = (a) with peft.lean=false; "
+                         "g = (a) with training.auto_batch_size=true; h = g with peft.lean=false")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--no-planner", action="store_true")
@@ -507,7 +575,11 @@ def main(argv=None) -> dict:
     args.argv = list(argv or [])
     load_start = os.getloadavg()[0]
 
-    spec = QUICK if args.quick else FULL
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible")
+    spec = QUICK if args.quick else LLAMA_1B if args.size == "1b" else FULL
     steps_n = spec["warmup"] + (args.steps or spec["steps"])
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -520,7 +592,7 @@ def main(argv=None) -> dict:
     datasets.disable_progress_bars()
 
     tmp = Path(tempfile.mkdtemp(prefix="llama-lora-bench-"))
-    model_dir = build_model_dir(spec["model"], tmp)
+    model_dir = build_model_dir(spec["model"], tmp, spec.get("dtype", "float32"))
     per_step = spec["examples_per_step"]
     examples = make_examples(steps_n * per_step, spec, seed=1)
     steps = [examples[i * per_step : (i + 1) * per_step] for i in range(steps_n)]
@@ -531,14 +603,15 @@ def main(argv=None) -> dict:
     n_params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(mc).parameters())
     print(f"model: Llama {n_params / 1e6:.1f}M parameters ({spec['model']}), {steps_n} steps x {per_step} examples "
           f"(micro-batch {micro}), mean length {statistics.mean(len(e['input_ids']) for e in examples):.0f} tokens, "
-          f"{args.threads} threads", flush=True)
+          f"{args.threads} threads, device {DEVICE}"
+          + (f" ({torch.cuda.get_device_name()})" if DEVICE == "cuda" else ""), flush=True)
 
     peaks = [matmul_flops(args.threads)]
     results: list[Result] = []
     methods = args.methods.split(",")
-    unknown = set(methods) - set("abcdef")
+    unknown = set(methods) - set("abcdefgh")
     if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from a,b,c,d,e,f")
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from a,b,c,d,e,f,g,h")
 
     def show(r: Result, t0: float) -> None:
         # Partial results survive an interrupted run.
@@ -573,7 +646,8 @@ def main(argv=None) -> dict:
         report["planner"] = planner_checks(model_dir, steps, micro)
         report["profile"] = profile_step(model_dir, steps, micro)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "bench-quick" if args.quick else "bench"
+    stem = "bench-quick" if args.quick else "bench" + ("" if args.size == "40m" else f"-{args.size}") + (
+        "" if DEVICE == "cpu" else f"-{DEVICE}")
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (args.out / "partial.json").unlink(missing_ok=True)
     md = to_markdown(report)
@@ -616,7 +690,9 @@ def summarise(results, spec, mc, peak_flops, steps, args) -> dict:
     return {
         "command": " ".join(["python benchmarks/bench.py", *args.argv]),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                    "load_average_at_end": os.getloadavg(), "torch": torch.__version__},
+                    "load_average_at_end": os.getloadavg(), "torch": torch.__version__, "device": DEVICE,
+                    "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else None},
+        "matmul_dtype": "bf16" if DEVICE == "cuda" else "fp32",
         "fp32_matmul_gflops": peak_flops / 1e9, "warmup_steps": spec["warmup"],
         "measured_steps": len(steps) - spec["warmup"], "examples_per_step": len(steps[0]), "micro_batch": spec["micro"],
         "rows": rows,
@@ -625,8 +701,8 @@ def summarise(results, spec, mc, peak_flops, steps, args) -> dict:
 
 def to_markdown(report: dict) -> str:
     lines = [
-        f"Command: `{report['command']}`; {report['machine']['threads']} threads, fp32 matmul "
-        f"{report['fp32_matmul_gflops']:.0f} GFLOP/s, load average {report['machine'].get('load_average_at_start', 0):.1f} at start, "
+        f"Command: `{report['command']}`; {report['machine'].get('gpu') or str(report['machine']['threads']) + ' threads'}, "
+        f"{report.get('matmul_dtype', 'fp32')} matmul {report['fp32_matmul_gflops']:.0f} GFLOP/s, load average {report['machine'].get('load_average_at_start', 0):.1f} at start, "
         f"{report['machine']['load_average_at_end'][0]:.1f} at end; "
         f"{report['measured_steps']} measured steps (median) after {report['warmup_steps']} warm-up, "
         f"{report['examples_per_step']} examples per step (micro-batch {report['micro_batch']}).",
@@ -642,6 +718,9 @@ def to_markdown(report: dict) -> str:
             f"{r['cpu_ratio_to_trl'] or float('nan'):.2f}x | {r['peak_memory_mb'] or float('nan'):.0f} | "
             f"{r['final_loss'] if r['final_loss'] is not None else float('nan'):.3f} | {r['effective_mfu']:.2f} |"
         )
+    notes = [f"- {r['method']} ({r['adapter']}): {r['notes']}" for r in report["rows"] if r.get("notes")]
+    if notes:
+        lines += ["", *notes]
     if report.get("planner"):
         lines += ["", "| llama-lora configuration | planner (MiB) | measured (MiB) | error |", "|---|---:|---:|---:|"]
         for p in report["planner"]:

@@ -23,8 +23,11 @@ second base matmul on the dropped input; without dropout, and in eval, the two a
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -56,14 +59,22 @@ class _LeanLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, norm, scale: float, p: float):
         x2 = x.reshape(-1, x.shape[-1])
         out = x2 @ weight.t()  # the frozen base output, reused by the adapter below (no second matmul)
-        keep, ks = (None, 1.0) if p == 0 else _dropout_keep(x2, p)
-        # Dropout scale folded into the rank-r activation (T x r) rather than the input (T x in); only
-        # the 1-byte mask is kept for backward, which rebuilds the dropped input from x.
-        h = x2 @ lora_a.t() if keep is None else (torch.where(keep, x2, 0) @ lora_a.t()).mul_(ks)
+        # Only the 1-byte dropout mask is kept for backward, which rebuilds the dropped input from x.
+        if p == 0:
+            keep, ks, h = None, 1.0, x2 @ lora_a.t()
+        elif x2.is_cuda:
+            # One fused kernel draws the mask and applies it (the CPU trick below costs 4 launches here).
+            dropped, keep = torch.native_dropout(x2, p, True)
+            ks, h = 1.0 / (1.0 - p), dropped @ lora_a.t()
+            del dropped
+        else:
+            # Dropout scale folded into the rank-r activation (T x r) rather than the input (T x in).
+            keep, ks = _dropout_keep(x2, p)
+            h = (torch.where(keep, x2, 0) @ lora_a.t()).mul_(ks)
         out.addmm_(h, lora_b.t(), alpha=scale)
         c = None
         if magnitude is not None:
-            c = magnitude / norm
+            c = (magnitude / norm).to(out.dtype)
             out.mul_(c)
         ctx.scale, ctx.ks = scale, ks
         ctx.save_for_backward(x2, keep, h, weight, lora_a, lora_b, magnitude, c, out if magnitude is not None else None)
@@ -75,11 +86,12 @@ class _LeanLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x2, keep, h, weight, lora_a, lora_b, magnitude, c, y = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
+        g = grad.reshape(-1, grad.shape[-1]).to(h.dtype)  # the compute dtype (bf16 under autocast)
         grad_m = None
         if magnitude is not None:
             if ctx.needs_input_grad[5]:
-                grad_m = (g * y).sum(0) / magnitude  # = sum_t g * z / n, as z = y / c and c * n = m
+                # = sum_t g * z / n, as z = y / c and c * n = m; summed in fp32, the magnitude's dtype
+                grad_m = (g.float() * y.float()).sum(0) / magnitude
             g = g * c
         grad_b = (g.t() @ h).mul_(ctx.scale) if ctx.needs_input_grad[4] else None
         gh = (g @ lora_b).mul_(ctx.scale * ctx.ks)  # d loss / d (dropped x A^T), dropout scale included
@@ -137,14 +149,13 @@ def _lean_forward(self, x, *args, **kwargs):
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         # Compute in the autocast dtype as PEFT's layers would, but with explicit casts so the backward
-        # (which autocast does not cover) sees consistent dtypes; grads flow back to fp32 adapters.
+        # (which autocast does not cover) sees consistent dtypes; grads flow back to fp32 adapters. With
+        # every operand already in that dtype, autocast changes nothing inside forward.
         cd = torch.get_autocast_dtype(dev)
-        with torch.autocast(dev, enabled=False):
-            out = _LeanLinear.apply(
-                x.to(cd), base.weight.to(cd), None if base.bias is None else base.bias.to(cd), a.to(cd), b.to(cd),
-                None if magnitude is None else magnitude.float(), None if norm is None else norm, scale, p,
-            )
-        return out
+        return _LeanLinear.apply(
+            x.to(cd), base.weight.to(cd), None if base.bias is None else base.bias.to(cd), a.to(cd), b.to(cd),
+            None if magnitude is None else magnitude.float(), None if norm is None else norm, scale, p,
+        )
     cd = a.dtype
     w = base.weight if base.weight.dtype == cd else base.weight.to(cd)
     out = _LeanLinear.apply(x.to(cd), w, base.bias, a, b, magnitude, norm, scale, p)
@@ -192,20 +203,75 @@ def remove_lean(model: torch.nn.Module) -> None:
 # Padding-free attention: one packed row holds several examples; attend within each, causally.
 
 
+_SEGMENTS: dict = {}
+
+
 def _segments(position_ids: torch.Tensor) -> list[int]:
-    """Start offsets of the examples in a packed row (+ its length): where positions stop counting up."""
+    """Start offsets of the examples in a packed row (+ its length): where positions stop counting up.
+
+    Every decoder layer gets the same position_ids tensor, so the offsets are computed (one host sync on
+    a GPU) once per forward and reused by the other layers: a one-entry cache that holds the tensor
+    weakly and hits only for that very object, unmodified.
+    """
+    ref = _SEGMENTS.get("ref")
+    if ref is not None and ref() is position_ids and _SEGMENTS["version"] == position_ids._version:
+        return _SEGMENTS["bounds"]
     pos = position_ids[0]
     restart = torch.ones_like(pos, dtype=torch.bool)
     restart[1:] = pos[1:] != pos[:-1] + 1
-    return restart.nonzero().flatten().tolist() + [pos.numel()]
+    bounds = restart.nonzero().flatten().tolist() + [pos.numel()]
+    _SEGMENTS.update(ref=weakref.ref(position_ids), version=position_ids._version, bounds=bounds, cu=None)
+    return bounds
+
+
+def _cu_seqlens(bounds: list[int], device) -> torch.Tensor:
+    if _SEGMENTS.get("cu") is None or _SEGMENTS["cu"].device != device:
+        _SEGMENTS["cu"] = torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True)
+    return _SEGMENTS["cu"]
+
+
+@functools.cache
+def _flash_varlen():
+    """PyTorch's FlashAttention varlen kernel as f(q, k, v, cu, max_len, scale, gqa), or None.
+
+    torch.nn.attention.varlen exists from torch 2.9 (CUDA, bf16/fp16); its causal and GQA arguments
+    changed between releases, so the call is fitted to the installed signature.
+    """
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    has_gqa, has_scale = "enable_gqa" in params, "scale" in params
+
+    def call(q, k, v, cu, longest, scale, gqa):
+        if gqa and not has_gqa:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        extra = dict(causal)
+        if has_scale:
+            extra["scale"] = scale
+        if gqa and has_gqa:
+            extra["enable_gqa"] = True
+        return varlen_attn(q, k, v, cu, cu, longest, longest, **extra)
+
+    call.has_scale = has_scale
+    return call
 
 
 def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      is_causal=None, **kwargs):
-    """SDPA run per packed example (cost sum L_i^2, not T^2 with a T x T mask); SDPA itself otherwise.
+    """Causal attention within each packed example (cost sum L_i^2, not T^2 with a T x T mask).
 
-    What FlashAttention2's varlen kernel does on CUDA, with PyTorch's own SDPA, so CPU, MPS and GPUs
-    without flash-attn skip the cross-example blocks too.
+    On CUDA with bf16/fp16 this is one call of PyTorch's FlashAttention varlen kernel (what flash-attn's
+    flash_attn_varlen_func does, without the extra package); elsewhere SDPA runs per example. Padded
+    batches (an attention mask) and generation fall back to transformers' SDPA.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -215,6 +281,13 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
                                       is_causal=is_causal, **kwargs)
     bounds = _segments(pos)
     gqa = query.shape[1] != key.shape[1]
+    flash = _flash_varlen() if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) else None
+    if flash is not None and dropout == 0.0 and (flash.has_scale or scaling is None):
+        # (1, H, T, D) -> (T, H, D), one kernel for all the row's examples
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        longest = max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
+        out = flash(q, k, v, _cu_seqlens(bounds, query.device), longest, scaling, gqa)
+        return out.unsqueeze(0), None  # (1, T, H, D), what transformers' attention functions return
     outs = [
         F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
                                        is_causal=True, scale=scaling, enable_gqa=gqa)

@@ -185,7 +185,7 @@ def run(cfg: Config) -> Path:
         # Normalise by the response tokens of the *global* batch: every token weighs the same whatever
         # the micro-batch or process it landed in (DDP averages gradients, hence the x world).
         global_count, global_tokens = accelerator.reduce(counts, reduction="sum").tolist()
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=device)  # summed on the device: no host sync per micro-batch
         for i, mb in enumerate(micro_batches):
             batch = {k: v.to(device, non_blocking=runtime.pin_memory) for k, v in collate(mb).items()}
             last = i == len(micro_batches) - 1
@@ -197,8 +197,8 @@ def run(cfg: Config) -> Path:
                     loss_sum = loss_sum * float("nan")
                 loss = loss_sum * world / max(global_count, 1)
                 accelerator.backward(loss)
-            step_loss += float(loss_sum.detach())
-        step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), reduction="sum").item() / max(global_count, 1)
+            step_loss += loss_sum.detach().float()
+        step_loss = accelerator.reduce(step_loss, reduction="sum").item() / max(global_count, 1)
         if not math.isfinite(step_loss):
             stop.restore()
             if main:
