@@ -197,6 +197,7 @@ def llama_lora_setup(cfg, frozen: bool = False):
     from llama_lora.kernels import prepare_for_training
 
     runtime = model_lib.choose_runtime(cfg.training, cfg.model, model_lib.probe_capabilities())
+    model_lib.apply_process_settings(runtime)  # as train.py: process-wide, so (b) and (c) get it too
     torch.manual_seed(cfg.training.seed)
     model = model_lib.load_model(cfg.model.name_or_path, cfg.model, runtime, training=True)
     if frozen:

@@ -153,7 +153,9 @@ class Loaded:
 
 
 def inference_runtime(cfg: Config) -> model_lib.Runtime:
-    return model_lib.choose_runtime(cfg.training, cfg.model, model_lib.probe_capabilities())
+    runtime = model_lib.choose_runtime(cfg.training, cfg.model, model_lib.probe_capabilities())
+    model_lib.apply_process_settings(runtime)
+    return runtime
 
 
 def base_model_of(target: Path, cfg: Config) -> str:

@@ -4,16 +4,18 @@ Profiling a LoRA step on CPU (benchmarks/README.md) shows the time in the frozen
 adapter adds on top is many small ops per layer: a dropout copy of the input per module, the LoRA
 product, a scaling multiply and an add, each with its autograd node and saved tensors; and PEFT's DoRA
 also materialises B@A and W + s*B@A (out x in) every forward, and with dropout recomputes the whole base
-matmul on the dropped input. Here each adapted Linear is one autograd Function:
+matmul on the dropped input. Here each adapted Linear is two autograd Functions:
 
-  forward   z = x W^T  (+)=  s * (drop(x) A^T) B^T      (addmm into the base output, no extra add)
+  _LoraA    h = drop(x) [A_1; ...; A_k]^T  for the k layers that read the same x (q/k/v, gate/up; k = 1
+            with dropout, whose masks are per layer): one rank-k*r matmul instead of k rank-r ones
+  _LeanLinear
+            z = x W^T  (+)=  s * h B^T      (addmm into the base output, no extra add)
   DoRA      y = (m / n) * z,  n = ||W + s B A||_row, detached (DoRA paper, sec. 4.3), computed as
             n^2 = ||W||^2_row + 2s <(W A^T)_row, B_row> + s^2 <(B (A A^T))_row, B_row>
             from the cached ||W||^2 rows and low-rank products: B@A is never formed, and n is computed
             once per optimizer step (it only changes when A or B do).
-  saved     the input x (one storage shared by q/k/v or gate/up), a 1-byte dropout mask instead of a
-            dropped copy, the rank-r activation, and for DoRA the output y (the magnitude's gradient is
-            sum_t g*y / m; the next op often keeps y anyway).
+  saved     the input x once per group, a 1-byte dropout mask instead of a dropped copy, the rank-r
+            activation, and for DoRA the output y (the magnitude's gradient is sum_t g*y / m).
 
 The parameters, their names and the saved files are PEFT's own (only the module's forward is replaced),
 so `save_pretrained` writes a standard adapter that plain `peft` loads with equal outputs. With dropout,
@@ -54,30 +56,65 @@ def _dropout_keep(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     return keep, 32768.0 / (32768 - k)
 
 
-class _LeanLinear(torch.autograd.Function):
+class _LoraA(torch.autograd.Function):
+    """h = drop(x) @ [A_1; ...; A_k]^T: the rank-r activations of the k adapted layers that read the same
+    input x (q/k/v, gate/up), as one matmul forward and two backward instead of k each: rank-16 matmuls
+    run far below the big ones' FLOP/s on CPU, wider ones less so. With dropout each layer draws its own
+    mask (PEFT's semantics), so then k = 1."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, norm, scale: float, p: float):
+    def forward(ctx, x, p: float, *a_mats):
         x2 = x.reshape(-1, x.shape[-1])
-        out = x2 @ weight.t()  # the frozen base output, reused by the adapter below (no second matmul)
+        a = a_mats[0] if len(a_mats) == 1 else torch.cat(a_mats)
         # Only the 1-byte dropout mask is kept for backward, which rebuilds the dropped input from x.
         if p == 0:
-            keep, ks, h = None, 1.0, x2 @ lora_a.t()
+            keep, ks, h = None, 1.0, x2 @ a.t()
         elif x2.is_cuda:
             # One fused kernel draws the mask and applies it (the CPU trick below costs 4 launches here).
             dropped, keep = torch.native_dropout(x2, p, True)
-            ks, h = 1.0 / (1.0 - p), dropped @ lora_a.t()
+            ks, h = 1.0 / (1.0 - p), dropped @ a.t()
             del dropped
         else:
             # Dropout scale folded into the rank-r activation (T x r) rather than the input (T x in).
             keep, ks = _dropout_keep(x2, p)
-            h = (torch.where(keep, x2, 0) @ lora_a.t()).mul_(ks)
+            h = (torch.where(keep, x2, 0) @ a.t()).mul_(ks)
+        ctx.save_for_backward(x2, keep, a)
+        ctx.ks, ctx.in_shape, ctx.sizes = ks, x.shape, [m.shape[0] for m in a_mats]
+        return h
+
+    @staticmethod
+    def backward(ctx, gh):
+        x2, keep, a = ctx.saved_tensors
+        gh = gh.to(a.dtype)
+        if ctx.ks != 1.0:
+            gh = gh * ctx.ks
+        grads_a = [None] * len(ctx.sizes)
+        if any(ctx.needs_input_grad[2:]):
+            ga = gh.t() @ (x2 if keep is None else torch.where(keep, x2, 0))
+            grads_a = ga.split(ctx.sizes) if len(ctx.sizes) > 1 else [ga]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = gh @ a
+            if keep is not None:
+                grad_x.masked_fill_(~keep, 0)
+            grad_x = grad_x.view(ctx.in_shape)
+        return grad_x, None, *grads_a
+
+
+class _LeanLinear(torch.autograd.Function):
+    """y = x W^T + s h B^T (h from _LoraA), and for DoRA y *= m / n; the base output is computed once."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, h, lora_b, magnitude, norm, scale: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        out = x2 @ weight.t()  # the frozen base output, reused by the adapter below (no second matmul)
         out.addmm_(h, lora_b.t(), alpha=scale)
         c = None
         if magnitude is not None:
             c = (magnitude / norm).to(out.dtype)
             out.mul_(c)
-        ctx.scale, ctx.ks = scale, ks
-        ctx.save_for_backward(x2, keep, h, weight, lora_a, lora_b, magnitude, c, out if magnitude is not None else None)
+        ctx.scale = scale
+        ctx.save_for_backward(h, weight, lora_b, magnitude, c, out if magnitude is not None else None)
         ctx.in_shape = x.shape
         if bias is not None:
             out = out + bias
@@ -85,7 +122,7 @@ class _LeanLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x2, keep, h, weight, lora_a, lora_b, magnitude, c, y = ctx.saved_tensors
+        h, weight, lora_b, magnitude, c, y = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(h.dtype)  # the compute dtype (bf16 under autocast)
         grad_m = None
         if magnitude is not None:
@@ -94,17 +131,14 @@ class _LeanLinear(torch.autograd.Function):
                 grad_m = (g.float() * y.float()).sum(0) / magnitude
             g = g * c
         grad_b = (g.t() @ h).mul_(ctx.scale) if ctx.needs_input_grad[4] else None
-        gh = (g @ lora_b).mul_(ctx.scale * ctx.ks)  # d loss / d (dropped x A^T), dropout scale included
-        grad_a = None
-        if ctx.needs_input_grad[3]:
-            grad_a = gh.t() @ (x2 if keep is None else torch.where(keep, x2, 0))
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            back = gh @ lora_a
-            if keep is not None:
-                back = torch.where(keep, back, 0)
-            grad_x = torch.addmm(back, g, weight).view(ctx.in_shape)
-        return grad_x, None, None, grad_a, grad_b, grad_m, None, None, None
+        grad_h = (g @ lora_b).mul_(ctx.scale) if ctx.needs_input_grad[3] else None
+        grad_x = (g @ weight).view(ctx.in_shape) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, grad_h, grad_b, grad_m, None, None
+
+
+def lean_linear(x, weight, bias, lora_a, lora_b, magnitude, norm, scale: float, p: float) -> torch.Tensor:
+    """One adapted Linear through the lean step (no input sharing): what each PEFT layer computes."""
+    return _LeanLinear.apply(x, weight, bias, _LoraA.apply(x, p, lora_a), lora_b, magnitude, norm, scale)
 
 
 def _row_norm(module, name: str, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -147,19 +181,46 @@ def _lean_forward(self, x, *args, **kwargs):
         magnitude = self.lora_magnitude_vector[name].weight
         norm = _row_norm(self, name, base.weight, a, b, scale)
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    amp = torch.is_autocast_enabled(dev)
+    if amp:
         # Compute in the autocast dtype as PEFT's layers would, but with explicit casts so the backward
         # (which autocast does not cover) sees consistent dtypes; grads flow back to fp32 adapters. With
-        # every operand already in that dtype, autocast changes nothing inside forward.
+        # every operand already in that dtype, autocast changes nothing inside the Functions.
         cd = torch.get_autocast_dtype(dev)
-        return _LeanLinear.apply(
-            x.to(cd), base.weight.to(cd), None if base.bias is None else base.bias.to(cd), a.to(cd), b.to(cd),
-            None if magnitude is None else magnitude.float(), None if norm is None else norm, scale, p,
-        )
-    cd = a.dtype
-    w = base.weight if base.weight.dtype == cd else base.weight.to(cd)
-    out = _LeanLinear.apply(x.to(cd), w, base.bias, a, b, magnitude, norm, scale, p)
-    return out.to(x.dtype) if out.dtype != x.dtype else out
+        xc, w, bias = x.to(cd), base.weight.to(cd), None if base.bias is None else base.bias.to(cd)
+        m = None if magnitude is None else magnitude.float()
+    else:
+        cd = a.dtype
+        xc, w, bias, m = x.to(cd), base.weight.to(cd), base.bias, magnitude
+    h = _shared_h(self, name, x, xc, cd) if p == 0 else None
+    if h is None:
+        h = _LoraA.apply(xc, p, a.to(cd))
+    out = _LeanLinear.apply(xc, w, bias, h, b.to(cd), m, norm, scale)
+    return out if amp or out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _shared_h(module, name: str, x: torch.Tensor, xc: torch.Tensor, cd) -> torch.Tensor | None:
+    """This layer's rank-r activation from one _LoraA over its input-sharing group (q/k/v, gate/up).
+
+    The group's first layer called with x computes it for all and leaves the split result for the others,
+    which find it only for that very x (held weakly), unmodified, with unchanged A matrices: otherwise
+    (another input, a recomputation under checkpointing) it is computed again, never reused wrongly.
+    """
+    group = module.__dict__.get("_lean_group")
+    if group is None:
+        return None
+    members, index, shared = group
+    a_mats = [m.lora_A[name].weight for m in members]
+    key = (x._version, cd, tuple(t._version for t in a_mats), tuple(t.data_ptr() for t in a_mats))
+    ref = shared.get("x")
+    if ref is None or ref() is not x or shared.get("key") != key or shared.get("name") != name:
+        hs = _LoraA.apply(xc, 0.0, *[t.to(cd) for t in a_mats]).split([t.shape[0] for t in a_mats], dim=1)
+        shared.update(x=weakref.ref(x), key=key, name=name, hs=hs)
+    return shared["hs"][index]
+
+
+# Layers that a Llama block calls with the same input tensor: their A matrices can run as one matmul.
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _lean_capable(module, name: str) -> bool:
@@ -189,6 +250,19 @@ def apply_lean(model: torch.nn.Module) -> int:
             if name in module.lora_A and _lean_capable(module, name):
                 module.forward = types.MethodType(_lean_forward, module)
                 n += 1
+        # Input-sharing groups among this module's children (the attention and MLP blocks).
+        for names in SHARED_INPUT_GROUPS:
+            members = [getattr(module, nm, None) for nm in names]
+            if len(members) > 1 and all(isinstance(m, LoraLinear) for m in members):
+                adapters = {tuple(m.active_adapters) for m in members}
+                name = members[0].active_adapters[0] if len(adapters) == 1 and members[0].active_adapters else None
+                if name is not None and all(
+                    name in m.lora_A and _lean_capable(m, name) and m.lora_A[name].weight.dtype == members[0].lora_A[name].weight.dtype
+                    for m in members
+                ):
+                    shared: dict = {}
+                    for i, m in enumerate(members):
+                        m.__dict__["_lean_group"] = (tuple(members), i, shared)
     return n
 
 
@@ -197,6 +271,7 @@ def remove_lean(model: torch.nn.Module) -> None:
         if "forward" in module.__dict__ and getattr(module.forward, "__func__", None) is _lean_forward:
             del module.forward
             module.__dict__.pop("_lean_cache", None)
+            module.__dict__.pop("_lean_group", None)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
 import os
+import platform
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +34,7 @@ class Capabilities:
     mps: bool = False
     flash_attn: bool = False
     world_size: int = 1  # processes started by torchrun / accelerate launch
+    glibc: bool = False  # Linux with glibc's malloc (mallopt available)
 
 
 def probe_capabilities() -> Capabilities:
@@ -47,6 +51,7 @@ def probe_capabilities() -> Capabilities:
         mps=bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available(),
         flash_attn=importlib.util.find_spec("flash_attn") is not None,
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        glibc=sys.platform == "linux" and platform.libc_ver()[0] == "glibc",
     )
 
 
@@ -62,6 +67,7 @@ class Runtime:
     pin_memory: bool
     fused_adamw: bool
     tf32: bool
+    keep_freed_memory: bool = False  # CPU + glibc: see apply_process_settings
     reason: str = field(default="", compare=False)
 
 
@@ -120,6 +126,7 @@ def choose_runtime(training: TrainingConfig, model: ModelConfig, caps: Capabilit
     fused_adamw, pin_memory = on_cuda, on_cuda
     tf32 = on_cuda and caps.cuda_capability >= (8, 0)
     grad_scaler = precision == "fp16"
+    keep_freed_memory = device == "cpu" and caps.glibc
 
     if on_cuda:
         where = f"CUDA x{caps.cuda_device_count}, cc {'%d.%d' % caps.cuda_capability}"
@@ -137,7 +144,8 @@ def choose_runtime(training: TrainingConfig, model: ModelConfig, caps: Capabilit
         if caps.world_size > 1:
             where += f", {caps.world_size} processes"
     extras = [name for name, on in (("fp16 loss scaling", grad_scaler), ("fused AdamW", fused_adamw),
-                                    ("TF32", tf32), ("pinned memory", pin_memory)) if on]
+                                    ("TF32", tf32), ("pinned memory", pin_memory),
+                                    ("malloc keeps freed memory", keep_freed_memory)) if on]
     reason = (
         f"device={device} ({where}), precision={precision} (requested {training.precision}), "
         f"weights={str(model_dtype).removeprefix('torch.')}, attention={attn} "
@@ -153,8 +161,36 @@ def choose_runtime(training: TrainingConfig, model: ModelConfig, caps: Capabilit
         pin_memory=pin_memory,
         fused_adamw=fused_adamw,
         tf32=tf32,
+        keep_freed_memory=keep_freed_memory,
         reason=reason,
     )
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def apply_process_settings(runtime: Runtime) -> None:
+    """Process-wide settings that go with a runtime: TF32 tensor cores on CUDA; on CPU, glibc malloc that
+    keeps freed memory for reuse.
+
+    PyTorch's CPU allocator has no cache of its own: every large tensor (logits, activations, their
+    gradients) is a fresh mmap whose pages the kernel zero-fills on first touch, and the freed block goes
+    straight back to the OS. Telling glibc never to mmap and never to trim keeps those pages in the heap
+    for the next micro-batch. Measured on the 40M benchmark model, 2 threads (benchmarks/README.md): LoRA
+    step 15% faster, the frozen floor 8% faster, peak RSS +5%. LLAMA_LORA_MALLOC=system turns it off.
+    """
+    if runtime.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if runtime.keep_freed_memory and os.environ.get("LLAMA_LORA_MALLOC", "") != "system":
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+        except (OSError, AttributeError):
+            ok = False
+        if not ok:
+            log.debug("mallopt unavailable: CPU memory is returned to the OS after each step")
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -61,9 +61,7 @@ def run(cfg: Config) -> Path:
         _add_file_log(run_dir.log)
     log.info("Run directory %s", run_dir.path)
     log.info("Runtime: %s", runtime.reason)
-    if runtime.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    model_lib.apply_process_settings(runtime)  # TF32 on CUDA, malloc that keeps freed memory on CPU
 
     # ---- tokenizer and data first: a data mistake fails in seconds, before a large model is loaded
     # The main process goes first where a cache gets filled (the embedded model and data are built on

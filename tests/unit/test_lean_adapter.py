@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from llama_lora.kernels import _dropout_keep, _LeanLinear, _row_norm, apply_lean, remove_lean
+from llama_lora.kernels import _dropout_keep, lean_linear, _row_norm, apply_lean, remove_lean
 
 CFG = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=64)
@@ -80,7 +80,7 @@ def test_dropout_path_matches_autograd_reference():
     b = torch.randn(24, 4, requires_grad=True)
     g = torch.randn(37, 24)
     torch.manual_seed(7)
-    y = _LeanLinear.apply(x, w, None, a, b, None, None, 1.5, 0.25)
+    y = lean_linear(x, w, None, a, b, None, None, 1.5, 0.25)
     y.backward(g)
     got = [y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone()]
     x.grad = a.grad = b.grad = None
@@ -140,3 +140,36 @@ def test_disabled_adapter_falls_back_to_base_model():
         with model.disable_adapter():
             ref = base(input_ids=ids).logits
     torch.testing.assert_close(off, ref)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["shared", "dropout"])
+def test_layers_reading_one_input_share_one_lora_a_matmul(dropout, monkeypatch):
+    """q/k/v and gate/up read the same tensor: without dropout their A matrices run as one matmul per
+    block (4 per layer instead of 7); with dropout each layer draws its own mask, as in PEFT."""
+    from llama_lora import kernels
+
+    model = _peft_model(dora=False, dropout=dropout)
+    model.train()
+    apply_lean(model)
+    calls = []
+    real = kernels._LoraA.apply
+    monkeypatch.setattr(kernels._LoraA, "apply", lambda *a: calls.append(len(a) - 2) or real(*a))
+    _forward_backward(model, torch.randint(0, 101, (2, 19)))
+    assert sorted(calls) == ([1] * 14 if dropout else [1, 1, 1, 1, 2, 2, 3, 3])
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_shared_lora_a_under_gradient_checkpointing_equals_peft(dora):
+    """Checkpointing recomputes each block in backward with new tensors: the shared rank-r activations
+    are recomputed, never reused from the first pass, so gradients equal PEFT's."""
+    model = _peft_model(dora)
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.base_model.model.enable_input_require_grads()
+    model.train()
+    ids = torch.randint(0, 101, (2, 19))
+    ref_out, ref_grads = _forward_backward(model, ids)
+    apply_lean(model)
+    out, grads = _forward_backward(model, ids)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
