@@ -260,6 +260,7 @@ LLAMA_LORA_VARIANTS = {  # code -> (row name, frozen, config overrides)
     "g": ("(g) llama-lora, auto_batch_size", False, {"training.auto_batch_size": True}),
     "h": ("(h) llama-lora, auto_batch_size, peft.lean=false", False,
           {"training.auto_batch_size": True, "peft.lean": False}),
+    "i": ("(i) llama-lora, peft.dropout=0.05", False, {"peft.dropout": 0.05}),  # the pre-0.1 default
 }
 
 
@@ -568,7 +569,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--adapters", default="lora,dora")
     ap.add_argument("--methods", default="a,b,c,d",
                     help="subset of a,b,c,d; e = (a) with training.precision=bf16; f = (a) with peft.lean=false; "
-                         "g = (a) with training.auto_batch_size=true; h = g with peft.lean=false")
+                         "g = (a) with training.auto_batch_size=true; h = g with peft.lean=false; i = (a) with peft.dropout=0.05")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--no-planner", action="store_true")
@@ -610,9 +611,9 @@ def main(argv=None) -> dict:
     peaks = [matmul_flops(args.threads)]
     results: list[Result] = []
     methods = args.methods.split(",")
-    unknown = set(methods) - set("abcdefgh")
+    unknown = set(methods) - set("abcdefghi")
     if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from a,b,c,d,e,f,g,h")
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from a,b,c,d,e,f,g,h,i")
 
     def show(r: Result, t0: float) -> None:
         # Partial results survive an interrupted run.
