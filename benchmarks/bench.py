@@ -132,6 +132,7 @@ class Result:
     peak_bytes: int | None = None
     notes: str = ""
     micro: int = 0  # examples per forward pass
+    block: str = ""  # the adapter block it ran in (the floor runs in each, interleaved with that block's rows)
 
     def tokens_per_second(self, warmup: int, cpu: bool = False) -> float:
         secs = self.step_cpu_seconds if cpu else self.step_seconds
@@ -260,7 +261,7 @@ LLAMA_LORA_VARIANTS = {  # code -> (row name, frozen, config overrides)
     "g": ("(g) llama-lora, auto_batch_size", False, {"training.auto_batch_size": True}),
     "h": ("(h) llama-lora, auto_batch_size, peft.lean=false", False,
           {"training.auto_batch_size": True, "peft.lean": False}),
-    "i": ("(i) llama-lora, peft.dropout=0.05", False, {"peft.dropout": 0.05}),  # the pre-0.1 default
+    "i": ("(i) llama-lora, peft.dropout=0.05", False, {"peft.dropout": 0.05}),  # the earlier default
 }
 
 
@@ -278,7 +279,7 @@ def run_llama_lora(model_dir, adapter, steps, micro, codes) -> list[Result]:
         tc = cfg.training  # train.py's schedule (warm-up + cosine over the run's steps)
         sched = None if frozen else get_scheduler(tc.lr_scheduler, opt, num_warmup_steps=round(tc.warmup_ratio * len(steps)),
                                                   num_training_steps=len(steps))
-        res = Result(name, "-" if frozen else adapter)
+        res = Result(name, "-" if frozen else adapter, block=adapter)
         res.micro = micro
         if cfg.training.auto_batch_size:
             from llama_lora.planner import auto_batch_size
@@ -626,7 +627,7 @@ def main(argv=None) -> dict:
     for i, adapter in enumerate(args.adapters.split(",")):
         # llama-lora's variants interleaved step by step, then TRL and Trainer in blocks; the FLOP/s
         # probe runs between blocks (its median is the utilisation denominator).
-        codes = [m for m in methods if m in LLAMA_LORA_VARIANTS and not (m == "d" and i > 0)]
+        codes = [m for m in methods if m in LLAMA_LORA_VARIANTS]
         t = time.perf_counter()
         for r in run_llama_lora(model_dir, adapter, steps, micro, codes) if codes else []:
             results.append(r)
@@ -678,7 +679,11 @@ def summarise(results, spec, mc, peak_flops, steps, args) -> dict:
             adapter_params = sum(cfg.peft.r * (m.in_features + m.out_features) + (m.out_features if r.adapter == "dora" else 0)
                                  for m in _targets(cfg, linears))
         ref = trl.get(r.adapter) or trl.get("lora")
+        floor = next((x for x in results if x.method.startswith("(d)") and x.block == r.block), None)
         rows.append({
+            "block": r.block,
+            # step time over the frozen floor's, both measured interleaved in the same block
+            "step_vs_floor": (floor.tokens_per_second(spec["warmup"]) / tps) if floor and r.block else None,
             "method": r.method, "adapter": r.adapter, "tokens_per_second": tps,
             "ratio_to_trl": tps / ref if ref else None,
             "tokens_per_cpu_second": tps_cpu,
@@ -709,15 +714,17 @@ def to_markdown(report: dict) -> str:
         f"{report['measured_steps']} measured steps (median) after {report['warmup_steps']} warm-up, "
         f"{report['examples_per_step']} examples per step (micro-batch {report['micro_batch']}).",
         "",
-        "| method | adapter | non-padding tokens/s | vs TRL | tokens/CPU-s | vs TRL (CPU) | peak memory (MiB) "
-        "| final loss | effective MFU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | adapter | non-padding tokens/s | vs TRL | tokens/CPU-s | vs TRL (CPU) | step vs floor "
+        "| peak memory (MiB) | final loss | effective MFU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         lines.append(
-            f"| {r['method']} | {r['adapter']} | {r['tokens_per_second']:.0f} | "
+            f"| {r['method']} | {r['adapter'] if r['adapter'] != '-' else '- (%s block)' % r['block']} | "
+            f"{r['tokens_per_second']:.0f} | "
             f"{r['ratio_to_trl'] or float('nan'):.2f}x | {r['tokens_per_cpu_second']:.0f} | "
-            f"{r['cpu_ratio_to_trl'] or float('nan'):.2f}x | {r['peak_memory_mb'] or float('nan'):.0f} | "
+            f"{r['cpu_ratio_to_trl'] or float('nan'):.2f}x | "
+            f"{'%.3fx' % r['step_vs_floor'] if r.get('step_vs_floor') else '-'} | {r['peak_memory_mb'] or float('nan'):.0f} | "
             f"{r['final_loss'] if r['final_loss'] is not None else float('nan'):.3f} | {r['effective_mfu']:.2f} |"
         )
     notes = [f"- {r['method']} ({r['adapter']}): {r['notes']}" for r in report["rows"] if r.get("notes")]
