@@ -195,7 +195,9 @@ def plan_memory(
     drop = p.dropout > 0
 
     leaf = {m.name.rsplit(".", 1)[-1] for m in targets}
-    lean = p.lean
+    from llama_lora.kernels import lean_enabled
+
+    lean = lean_enabled(p, device)
     # Inputs kept for the adapters' weight gradients, by the modules that read the same tensor. Without
     # dropout the shared input is kept once (autograd saves one storage). With dropout the lean step
     # keeps the input once plus a 1-byte mask per module; PEFT keeps a dropped copy per module, and on

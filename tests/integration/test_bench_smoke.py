@@ -28,6 +28,10 @@ def test_bench_quick_runs_all_methods(tmp_path):
         assert r["tokens_per_second"] > 0 and r["peak_memory_mb"] > 0 and r["effective_mfu"] > 0
         assert len(r["step_seconds"]) == report["warmup_steps"] + report["measured_steps"]
     assert rows[("(b)", "lora")]["ratio_to_trl"] == 1.0
+    # The floor runs interleaved in each adapter block; every llama-lora row is timed against its block's.
+    floors = [r for r in report["rows"] if r["method"].startswith("(d)")]
+    assert sorted(r["block"] for r in floors) == ["dora", "lora"] and all(r["step_vs_floor"] == 1.0 for r in floors)
+    assert all(rows[(m, a)]["step_vs_floor"] > 0 for m in ("(a)", "(e)", "(f)") for a in ("lora", "dora"))
     # Every method trained on the same examples: the same non-padding tokens in all (the Trainers
     # shuffle within the run, so per step only llama-lora and the floor agree exactly).
     assert rows[("(a)", "lora")]["step_tokens"] == rows[("(d)", "-")]["step_tokens"]

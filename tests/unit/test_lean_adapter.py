@@ -173,3 +173,29 @@ def test_shared_lora_a_under_gradient_checkpointing_equals_peft(dora):
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_shared_lora_a_leaves_nothing_behind_under_checkpointing():
+    """Checkpointing recomputes each block in backward and nothing back-propagates through that
+    recomputed graph: a cached rank-r activation would keep its saved tensors (a whole layer's
+    activations) alive until the next step. Every group's cache must be empty after a step."""
+    model = _peft_model(dora=False)
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.base_model.model.enable_input_require_grads()
+    model.train()
+    apply_lean(model)
+    _forward_backward(model, torch.randint(0, 101, (2, 19)))
+    groups = [m.__dict__["_lean_group"] for m in model.modules() if "_lean_group" in m.__dict__]
+    assert len(groups) == 10  # q/k/v + gate/up, 2 blocks
+    assert all(not shared for _, _, shared in groups)
+
+
+def test_lean_auto_policy():
+    """peft.lean=auto: lean on CPU, and DoRA everywhere; PEFT's forward for LoRA on a GPU (measured)."""
+    from llama_lora.config.schema import PeftConfig
+    from llama_lora.kernels import lean_enabled
+
+    assert PeftConfig().lean == "auto"
+    assert lean_enabled(PeftConfig(), "cpu") and lean_enabled(PeftConfig(method="dora"), "cuda")
+    assert not lean_enabled(PeftConfig(), "cuda") and not lean_enabled(PeftConfig(), "mps")
+    assert lean_enabled(PeftConfig(lean=True), "cuda") and not lean_enabled(PeftConfig(lean=False), "cpu")

@@ -94,11 +94,12 @@ class PeftConfig(_Strict):
     )
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023).")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
-    lean: bool = Field(
-        True,
-        description="Train through llama-lora's fused LoRA/DoRA step (kernels.py: one autograd node per layer, "
-        "DoRA norm from low-rank products without materialising B@A). Same parameters and saved PEFT files; "
-        "false uses PEFT's own forward.",
+    lean: bool | Literal["auto"] = Field(
+        "auto",
+        description="Train through llama-lora's lean LoRA/DoRA step (kernels.py: shared A matmul for q/k/v and "
+        "gate/up, DoRA norm from low-rank products without materialising B@A). Same parameters and saved PEFT "
+        "files; false uses PEFT's own forward. auto: lean everywhere except LoRA on a GPU, where PEFT's forward "
+        "measured faster (benchmarks/README.md: kernel launches, not FLOPs, bound a GPU step there).",
     )
 
     @field_validator("target_modules", mode="before")
