@@ -199,3 +199,35 @@ def test_lean_auto_policy():
     assert lean_enabled(PeftConfig(), "cpu") and lean_enabled(PeftConfig(method="dora"), "cuda")
     assert not lean_enabled(PeftConfig(), "cuda") and not lean_enabled(PeftConfig(), "mps")
     assert lean_enabled(PeftConfig(lean=True), "cuda") and not lean_enabled(PeftConfig(lean=False), "cpu")
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_lean_step_under_bf16_autocast_matches_peft(dora):
+    """The autocast path (bf16 weights, fp32 adapters, casts inside the lean step, shared A matmul) on
+    CPU; tests/gpu runs the same comparison under CUDA autocast."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(LlamaConfig(**CFG), dtype=torch.bfloat16)
+    base.config.use_cache = False
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=dora))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.train()
+    ids = torch.randint(0, 101, (2, 23))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits
+        torch.nn.functional.cross_entropy(logits.float().reshape(-1, 101), ids.reshape(-1)).backward()
+        return logits.float().detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_logits, ref_grads = step()
+    apply_lean(model)
+    logits, grads = step()
+    rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
+    assert rel(logits, ref_logits) < 2e-2
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert grads[name].dtype == torch.float32 and rel(grads[name], ref_grads[name]) < 5e-2, name
