@@ -213,12 +213,12 @@ def _shared_h(module, name: str, x: torch.Tensor, xc: torch.Tensor, cd) -> torch
         return None
     members, index, shared = group
     a_mats = [m.lora_A[name].weight for m in members]
-    key = (x._version, cd, tuple(t._version for t in a_mats), tuple(t.data_ptr() for t in a_mats))
+    key = (name, x._version, cd, tuple(t._version for t in a_mats), tuple(t.data_ptr() for t in a_mats))
     ref = shared.get("x")
-    if ref is None or ref() is not x or shared.get("key") != key or shared.get("name") != name:
+    if ref is None or ref() is not x or shared["key"] != key:
         hs = _LoraA.apply(xc, 0.0, *[t.to(cd) for t in a_mats]).split([t.shape[0] for t in a_mats], dim=1)
         shared.clear()
-        shared.update(x=weakref.ref(x), key=key, name=name, hs=hs, left=set(range(len(members))))
+        shared.update(x=weakref.ref(x), key=key, hs=hs, left=set(range(len(members))))
     h = shared["hs"][index]
     shared["left"].discard(index)
     if not shared["left"]:
@@ -260,16 +260,15 @@ def apply_lean(model: torch.nn.Module) -> int:
         # Input-sharing groups among this module's children (the attention and MLP blocks).
         for names in SHARED_INPUT_GROUPS:
             members = [getattr(module, nm, None) for nm in names]
-            if len(members) > 1 and all(isinstance(m, LoraLinear) for m in members):
-                adapters = {tuple(m.active_adapters) for m in members}
-                name = members[0].active_adapters[0] if len(adapters) == 1 and members[0].active_adapters else None
-                if name is not None and all(
-                    name in m.lora_A and _lean_capable(m, name) and m.lora_A[name].weight.dtype == members[0].lora_A[name].weight.dtype
-                    for m in members
-                ):
-                    shared: dict = {}
-                    for i, m in enumerate(members):
-                        m.__dict__["_lean_group"] = (tuple(members), i, shared)
+            if not all(isinstance(m, LoraLinear) and m.active_adapters == members[0].active_adapters
+                       for m in members) or len(members[0].active_adapters) != 1:
+                continue
+            name = members[0].active_adapters[0]
+            dtype = members[0].lora_A[name].weight.dtype if name in members[0].lora_A else None
+            if all(name in m.lora_A and _lean_capable(m, name) and m.lora_A[name].weight.dtype == dtype for m in members):
+                shared: dict = {}
+                for i, m in enumerate(members):
+                    m.__dict__["_lean_group"] = (tuple(members), i, shared)
     return n
 
 
