@@ -51,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 FULL = dict(
     model=dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                num_attention_heads=8, num_key_value_heads=4),
-    lengths=(32, 512), median_length=150, examples_per_step=16, micro=4, warmup=1, steps=5,
+    lengths=(32, 512), median_length=150, examples_per_step=16, micro=4, warmup=1, steps=8,
 )
 # The reference target's shape (meta-llama/Llama-3.2-1B-Instruct, random weights, saved in bf16 as on
 # the hub): for GPUs (--size 1b --device cuda), where the 40M model is too small to fill the device.
@@ -204,8 +204,11 @@ def llama_lora_setup(cfg, frozen: bool = False):
     if frozen:
         for p in model.parameters():
             p.requires_grad_(False)
-        # The floor still back-propagates through every layer, as an adapter in layer 0 would need.
-        model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+        # The floor back-propagates as far as adapters on every linear layer need: down to the outputs of
+        # layer 0's q/k/v projections (their LoRA B and A need the gradient there, not below it).
+        attn = model.model.layers[0].self_attn
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            proj.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
         prepare_for_training(model, cfg)
         model.bench_amp = _amp(runtime)
         return model, [], None, data_lib.make_collate(cfg.data.packing, PAD)
@@ -228,13 +231,21 @@ def _amp(runtime):
 def llama_lora_step(model, params, opt, collate, micro_batches, max_grad_norm: float,
                     scheduler=None) -> tuple[float, int]:
     """One optimizer step as train.py's loop does it; returns (mean response-token loss, tokens)."""
+    out: dict = {}
+    for _ in llama_lora_step_parts(model, params, opt, collate, micro_batches, max_grad_norm, scheduler, out):
+        pass
+    return out["loss"], out["tokens"]
+
+
+def llama_lora_step_parts(model, params, opt, collate, micro_batches, max_grad_norm: float, scheduler, out: dict):
+    """llama_lora_step as a generator that pauses after each part (a micro-batch's forward + backward,
+    the optimizer), so several variants can interleave at that grain; the last part fills `out`."""
     from llama_lora.data import IGNORE_INDEX
     from llama_lora.evaluate import response_loss_sum
 
     count = sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for mb in micro_batches for e in mb)
-    total, tokens = 0.0, 0
     amp = getattr(model, "bench_amp", None)
-    total = torch.zeros((), device=DEVICE)
+    total, tokens = torch.zeros((), device=DEVICE), 0
     for mb in micro_batches:
         batch = {k: v.to(DEVICE) for k, v in collate(mb).items()}
         with torch.autocast(*amp) if amp else contextlib.nullcontext():
@@ -242,6 +253,7 @@ def llama_lora_step(model, params, opt, collate, micro_batches, max_grad_norm: f
             (loss_sum / max(count, 1)).backward()
         total += loss_sum.detach()
         tokens += sum(len(e["input_ids"]) for e in mb)
+        yield
     if opt is not None:
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -249,7 +261,8 @@ def llama_lora_step(model, params, opt, collate, micro_batches, max_grad_norm: f
         if scheduler is not None:
             scheduler.step()
         opt.zero_grad(set_to_none=True)
-    return float(total) / max(count, 1), tokens
+    out.update(loss=float(total) / max(count, 1), tokens=tokens)
+    yield
 
 
 LLAMA_LORA_VARIANTS = {  # code -> (row name, frozen, config overrides)
@@ -288,17 +301,33 @@ def run_llama_lora(model_dir, adapter, steps, micro, codes) -> list[Result]:
                                                  [len(e["input_ids"]) for s in steps for e in s])
             res.notes = f"micro-batch {res.micro} (planned peak {plan.total_bytes / 2**30:.1f} GiB)"
         runs.append((res, cfg, model, params, opt, collate, frozen, sched))
-    for step in steps:
-        for res, cfg, model, params, opt, collate, frozen, sched in runs:
+    for k, step in enumerate(steps):
+        # Interleaved part by part (one micro-batch's forward + backward, or the optimizer): a drift in
+        # the machine's speed, which on a shared 2-core VM moves a single step by up to +-10%, then hits
+        # every variant's step alike. The order of the variants alternates from step to step.
+        order = runs if k % 2 == 0 else runs[::-1]
+        live = []
+        for res, cfg, model, params, opt, collate, frozen, sched in order:
             mbs = [step[i : i + res.micro] for i in range(0, len(step), res.micro)]
-            _sync()
-            t, c = time.perf_counter(), time.process_time()
-            loss, tokens = llama_lora_step(model, params, opt, collate, mbs, cfg.training.max_grad_norm, sched)
-            _sync()
-            res.step_seconds.append(time.perf_counter() - t)
-            res.step_cpu_seconds.append(time.process_time() - c)
-            res.step_tokens.append(tokens)
-            res.losses.append(loss)
+            done: dict = {}
+            parts = llama_lora_step_parts(model, params, opt, collate, mbs, cfg.training.max_grad_norm, sched, done)
+            live.append([res, parts, done, 0.0, 0.0])
+        while live:
+            for entry in list(live):
+                res, parts, done = entry[:3]
+                _sync()
+                t, c = time.perf_counter(), time.process_time()
+                next(parts)
+                _sync()
+                entry[3] += time.perf_counter() - t
+                entry[4] += time.process_time() - c
+                if done:
+                    live.remove(entry)
+                    res.step_seconds.append(entry[3])
+                    res.step_cpu_seconds.append(entry[4])
+                    res.step_tokens.append(done["tokens"])
+                    res.losses.append(done["loss"])
+        for res, cfg, model, params, opt, collate, frozen, sched in runs:
             if frozen:
                 model.zero_grad(set_to_none=True)
     out = []
@@ -659,6 +688,13 @@ def main(argv=None) -> dict:
     return report
 
 
+def _paired(r: Result, floor: Result | None, warmup: int) -> list[float]:
+    """r's step time over the floor's, step by step (same examples, measured back to back)."""
+    if floor is None or not r.block or r.step_tokens != floor.step_tokens:
+        return []
+    return [a / f for a, f in zip(r.step_seconds[warmup:], floor.step_seconds[warmup:])]
+
+
 def summarise(results, spec, mc, peak_flops, steps, args) -> dict:
     from llama_lora.planner import _model_shapes, _targets  # adapter size by the planner's own count
 
@@ -682,8 +718,10 @@ def summarise(results, spec, mc, peak_flops, steps, args) -> dict:
         floor = next((x for x in results if x.method.startswith("(d)") and x.block == r.block), None)
         rows.append({
             "block": r.block,
-            # step time over the frozen floor's, both measured interleaved in the same block
-            "step_vs_floor": (floor.tokens_per_second(spec["warmup"]) / tps) if floor and r.block else None,
+            # step time over the frozen floor's on the same step, run right after it (interleaved in the
+            # same block): the median of these paired ratios, robust to the machine's load drifting
+            "step_vs_floor": statistics.median(pairs) if (pairs := _paired(r, floor, spec["warmup"])) else None,
+            "step_vs_floor_pairs": pairs,
             "method": r.method, "adapter": r.adapter, "tokens_per_second": tps,
             "ratio_to_trl": tps / ref if ref else None,
             "tokens_per_cpu_second": tps_cpu,

@@ -151,11 +151,13 @@ def test_layers_reading_one_input_share_one_lora_a_matmul(dropout, monkeypatch):
     model = _peft_model(dora=False, dropout=dropout)
     model.train()
     apply_lean(model)
-    calls = []
-    real = kernels._LoraA.apply
-    monkeypatch.setattr(kernels._LoraA, "apply", lambda *a: calls.append(len(a) - 2) or real(*a))
+    groups, dropped = [], []
+    real_group, real_drop = kernels._group_lora_a, kernels._DropoutLoraA.apply
+    monkeypatch.setattr(kernels, "_group_lora_a", lambda x, a: groups.append(len(a)) or real_group(x, a))
+    monkeypatch.setattr(kernels._DropoutLoraA, "apply", lambda *a: dropped.append(1) or real_drop(*a))
     _forward_backward(model, torch.randint(0, 101, (2, 19)))
-    assert sorted(calls) == ([1] * 14 if dropout else [1, 1, 1, 1, 2, 2, 3, 3])
+    assert sorted(groups) == ([] if dropout else [2, 2, 3, 3])
+    assert len(dropped) == (14 if dropout else 0)
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
