@@ -18,8 +18,9 @@ matmul on the dropped input. Here each adapted Linear computes
         (the magnitude's gradient is sum_t g*y / m), which the next op usually saves anyway.
 
 Everything except the dropout mask and DoRA's scaling is plain differentiable torch ops: their
-backward runs in autograd's C++ engine, which measured 4-5% of a CPU step faster than the same
-arithmetic in Python autograd Functions (40M benchmark, LoRA step vs frozen floor 1.13x -> 1.08x).
+backward runs in autograd's C++ engine, which measured 3-5% of a CPU step faster than the same
+arithmetic in Python autograd Functions (40M benchmark, LoRA step vs the same floor 1.13-1.15x ->
+1.07-1.10x in repeated runs; benchmarks/README.md).
 
 The parameters, their names and the saved files are PEFT's own (only the module's forward is replaced),
 so `save_pretrained` writes a standard adapter that plain `peft` loads with equal outputs. With dropout,
