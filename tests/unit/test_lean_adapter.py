@@ -72,23 +72,32 @@ def test_saved_adapter_is_plain_peft_with_equal_outputs(dora, tmp_path):
         torch.testing.assert_close(merged(input_ids=ids).logits, lean_out, atol=1e-4, rtol=1e-4)
 
 
-def test_dropout_path_matches_autograd_reference():
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_dropout_path_matches_autograd_reference(dora):
+    """With dropout: y = x W^T + s drop(x) A^T B^T, for DoRA times m / n with n detached (the paper's
+    formula), against plain autograd with the same mask: output and every gradient."""
     torch.manual_seed(1)
     x = torch.randn(37, 16, requires_grad=True)
     w = torch.randn(24, 16)
     a = torch.randn(4, 16, requires_grad=True)
     b = torch.randn(24, 4, requires_grad=True)
+    m = (1 + 0.3 * torch.rand(24)).requires_grad_(dora)
+    norm = torch.linalg.norm(w + 1.5 * b.detach() @ a.detach(), dim=1)
     g = torch.randn(37, 24)
     torch.manual_seed(7)
-    y = lean_linear(x, w, None, a, b, None, None, 1.5, 0.25)
+    y = lean_linear(x, w, None, a, b, m if dora else None, norm if dora else None, 1.5, 0.25)
     y.backward(g)
-    got = [y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone()]
-    x.grad = a.grad = b.grad = None
+    leaves = [x, a, b] + ([m] if dora else [])
+    got = [y.detach()] + [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
     torch.manual_seed(7)  # the same random draw gives the same mask
     keep, ks = _dropout_keep(x.detach(), 0.25)
     ref = x @ w.t() + 1.5 * ((torch.where(keep, x, 0) * ks) @ a.t()) @ b.t()
+    if dora:
+        ref = ref * (m / norm)
     ref.backward(g)
-    for mine, theirs in zip(got, [ref.detach(), x.grad, a.grad, b.grad]):
+    for mine, theirs in zip(got, [ref.detach()] + [t.grad for t in leaves]):
         torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-5)
     # The mask drops ~p of the entries and the scale keeps the expectation.
     big, _ = _dropout_keep(torch.empty(400, 500), 0.05)
