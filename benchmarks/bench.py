@@ -306,25 +306,25 @@ def run_llama_lora(model_dir, adapter, steps, micro, codes) -> list[Result]:
         # the machine's speed, which on a shared 2-core VM moves a single step by up to +-10%, then hits
         # every variant's step alike. The order of the variants alternates from step to step.
         order = runs if k % 2 == 0 else runs[::-1]
-        live = []
+        live = []  # (result, its step's parts, what the last part fills, [wall, CPU] seconds so far)
         for res, cfg, model, params, opt, collate, frozen, sched in order:
             mbs = [step[i : i + res.micro] for i in range(0, len(step), res.micro)]
             done: dict = {}
             parts = llama_lora_step_parts(model, params, opt, collate, mbs, cfg.training.max_grad_norm, sched, done)
-            live.append([res, parts, done, 0.0, 0.0])
+            live.append((res, parts, done, [0.0, 0.0]))
         while live:
             for entry in list(live):
-                res, parts, done = entry[:3]
+                res, parts, done, spent = entry
                 _sync()
                 t, c = time.perf_counter(), time.process_time()
                 next(parts)
                 _sync()
-                entry[3] += time.perf_counter() - t
-                entry[4] += time.process_time() - c
+                spent[0] += time.perf_counter() - t
+                spent[1] += time.process_time() - c
                 if done:
                     live.remove(entry)
-                    res.step_seconds.append(entry[3])
-                    res.step_cpu_seconds.append(entry[4])
+                    res.step_seconds.append(spent[0])
+                    res.step_cpu_seconds.append(spent[1])
                     res.step_tokens.append(done["tokens"])
                     res.losses.append(done["loss"])
         for res, cfg, model, params, opt, collate, frozen, sched in runs:

@@ -177,7 +177,7 @@ def _lean_forward(self, x, *args, **kwargs):
         cd = a.dtype
         xc, w, bias, m = x.to(cd), base.weight.to(cd), base.bias, magnitude
     h = _shared_h(self, name, x, xc, cd) if p == 0 else None
-    out = lean_linear(xc, w, bias, a.to(cd), b.to(cd), m, norm, scale, p, h)
+    out = lean_linear(xc, w, bias, a.to(cd) if h is None else None, b.to(cd), m, norm, scale, p, h)
     return out if amp or out.dtype == x.dtype else out.to(x.dtype)
 
 
