@@ -371,10 +371,23 @@ def measure_peak_bytes(run_one_step, model: torch.nn.Module, optimizer: torch.op
         warnings.simplefilter("ignore")
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             run_one_step()
-    high, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         ev = stack.pop()
         if ev.tag == torch._C._profiler._EventType.Allocation:
-            high = max(high, ev.extra_fields.total_allocated)
+            events.append((ev.start_time_ns, ev.extra_fields.ptr, ev.extra_fields.alloc_size))
         stack.extend(ev.children)
+    # The profiler's own running total is process-wide and outlives a profiling session (blocks allocated
+    # in an earlier profiled call, e.g. another model's, count until freed, whenever that is): the high-
+    # water mark is summed here from this call's allocations and the frees of those alone.
+    live, total, high = set(), 0, 0
+    for _, ptr, size in sorted(events, key=lambda e: e[0]):
+        if size > 0:
+            live.add(ptr)
+        elif ptr in live:
+            live.discard(ptr)
+        else:
+            continue
+        total += size
+        high = max(high, total)
     return base + high
