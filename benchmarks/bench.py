@@ -16,6 +16,8 @@ alternate between methods:
   (d) the floor: the frozen model's forward + backward on llama-lora's batches (no adapter, no optimizer)
   (e) (a) with training.precision=bf16 (opt-in with --methods): CPU's default is fp32; TRL's is bf16
   (f) (a) with peft.lean=false (PEFT's forward; opt-in with --methods), the lean step's baseline
+  (g)-(j) more opt-in variants of (a) (--help): auto_batch_size, dropout, and (j) peft.lean_merged=false,
+      the lean step without merged weights
 
 For each: non-padding tokens/s (median over the measured steps after warm-up), the ratio to (b), peak
 tensor memory of one optimizer step (PyTorch's memory profiler, all tensors alive including weights and
@@ -275,6 +277,7 @@ LLAMA_LORA_VARIANTS = {  # code -> (row name, frozen, config overrides)
     "h": ("(h) llama-lora, auto_batch_size, peft.lean=false", False,
           {"training.auto_batch_size": True, "peft.lean": False}),
     "i": ("(i) llama-lora, peft.dropout=0.05", False, {"peft.dropout": 0.05}),  # the earlier default
+    "j": ("(j) llama-lora, peft.lean_merged=false", False, {"peft.lean_merged": False}),
 }
 
 
@@ -599,7 +602,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--adapters", default="lora,dora")
     ap.add_argument("--methods", default="a,b,c,d",
                     help="subset of a,b,c,d; e = (a) with training.precision=bf16; f = (a) with peft.lean=false; "
-                         "g = (a) with training.auto_batch_size=true; h = g with peft.lean=false; i = (a) with peft.dropout=0.05")
+                         "g = (a) with training.auto_batch_size=true; h = g with peft.lean=false; i = (a) with peft.dropout=0.05; "
+                         "j = (a) with peft.lean_merged=false")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--no-planner", action="store_true")
@@ -641,9 +645,9 @@ def main(argv=None) -> dict:
     peaks = [matmul_flops(args.threads)]
     results: list[Result] = []
     methods = args.methods.split(",")
-    unknown = set(methods) - set("abcdefghi")
+    unknown = set(methods) - set("abcdefghij")
     if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from a,b,c,d,e,f,g,h,i")
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from a,b,c,d,e,f,g,h,i,j")
 
     def show(r: Result, t0: float) -> None:
         # Partial results survive an interrupted run.

@@ -195,9 +195,12 @@ def plan_memory(
     drop = p.dropout > 0
 
     leaf = {m.name.rsplit(".", 1)[-1] for m in targets}
-    from llama_lora.kernels import lean_enabled
+    from llama_lora.kernels import lean_enabled, lean_merged_enabled
 
     lean = lean_enabled(p, device)
+    # The merged step (fp32, no dropout) keeps W + s B A of every adapted layer, in fp32, between steps.
+    merged = lean and lean_merged_enabled(p, device) and precision == "fp32" and not drop
+    merged_weights = sum(m.in_features * m.out_features for m in targets) * 4 if merged else 0
     # Inputs kept for the adapters' weight gradients, by the modules that read the same tensor. Without
     # dropout the shared input is kept once (autograd saves one storage). With dropout the lean step
     # keeps the input once plus a 1-byte mask per module; PEFT keeps a dropped copy per module, and on
@@ -256,10 +259,11 @@ def plan_memory(
     if not packed:
         logits_loss += rows * (T // max(rows, 1)) ** 2  # SDPA's boolean padding mask
 
-    tensors = weights + adapter_b + grads + optimizer + activations + logits_loss
+    tensors = weights + merged_weights + adapter_b + grads + optimizer + activations + logits_loss
     overhead = _RUNTIME_OVERHEAD.get(device, _RUNTIME_OVERHEAD["cpu"]) + int(_FRAGMENTATION.get(device, 0.05) * tensors)
     breakdown = {
         "weights": weights,
+        "merged weights": merged_weights,
         "adapter": adapter_b,
         "gradients": grads,
         "optimizer": optimizer,

@@ -36,13 +36,17 @@ def _forward_backward(model, ids):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+MERGED = pytest.mark.parametrize("merged", [False, True], ids=["low-rank", "merged"])
+
+
+@MERGED
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_outputs_and_gradients_equal_peft(dora):
+def test_outputs_and_gradients_equal_peft(dora, merged):
     model = _peft_model(dora)
     model.train()  # dropout 0: train mode exercises the training path deterministically
     ids = torch.randint(0, 101, (2, 19))
     ref_out, ref_grads = _forward_backward(model, ids)
-    assert apply_lean(model) == 14  # 7 linear layers x 2 blocks
+    assert apply_lean(model, merged=merged) == 14  # 7 linear layers x 2 blocks
     out, grads = _forward_backward(model, ids)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     assert grads.keys() == ref_grads.keys() and len(grads) == (42 if dora else 28)
@@ -52,11 +56,12 @@ def test_outputs_and_gradients_equal_peft(dora):
     torch.testing.assert_close(_forward_backward(model, ids)[0], ref_out)
 
 
+@MERGED
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_saved_adapter_is_plain_peft_with_equal_outputs(dora, tmp_path):
+def test_saved_adapter_is_plain_peft_with_equal_outputs(dora, merged, tmp_path):
     model = _peft_model(dora)
     keys_before = set(model.state_dict())
-    apply_lean(model)
+    apply_lean(model, merged=merged)
     assert set(model.state_dict()) == keys_before  # same parameter names: only forward is replaced
     model.eval()
     ids = torch.randint(0, 101, (1, 23))
@@ -151,26 +156,31 @@ def test_disabled_adapter_falls_back_to_base_model():
     torch.testing.assert_close(off, ref)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["shared", "dropout"])
-def test_layers_reading_one_input_share_one_lora_a_matmul(dropout, monkeypatch):
+@pytest.mark.parametrize("dropout,merged", [(0.0, False), (0.1, False), (0.0, True), (0.1, True)],
+                         ids=["shared", "dropout", "merged", "merged-dropout"])
+def test_layers_reading_one_input_share_one_lora_a_matmul(dropout, merged, monkeypatch):
     """q/k/v and gate/up read the same tensor: without dropout their A matrices run as one matmul per
-    block (4 per layer instead of 7); with dropout each layer draws its own mask, as in PEFT."""
+    block (4 per layer instead of 7), in the merged step as one autograd function per group; with
+    dropout each layer draws its own mask, as in PEFT (and the merged step stands aside)."""
     from llama_lora import kernels
 
     model = _peft_model(dora=False, dropout=dropout)
     model.train()
-    apply_lean(model)
-    groups, dropped = [], []
-    real_group, real_drop = kernels._group_lora_a, kernels._DropoutLoraA.apply
+    apply_lean(model, merged=merged)
+    groups, fused, dropped = [], [], []
+    real_group, real_fused, real_drop = kernels._group_lora_a, kernels._MergedLora.apply, kernels._DropoutLoraA.apply
     monkeypatch.setattr(kernels, "_group_lora_a", lambda x, a: groups.append(len(a)) or real_group(x, a))
+    monkeypatch.setattr(kernels._MergedLora, "apply", lambda x, s, *t: fused.append(len(s)) or real_fused(x, s, *t))
     monkeypatch.setattr(kernels._DropoutLoraA, "apply", lambda *a: dropped.append(1) or real_drop(*a))
     _forward_backward(model, torch.randint(0, 101, (2, 19)))
-    assert sorted(groups) == ([] if dropout else [2, 2, 3, 3])
+    per_block = [] if dropout else [1, 1, 1, 1, 2, 2, 3, 3]  # o, down alone; gate/up; q/k/v (2 blocks)
+    assert sorted(fused if merged else groups) == per_block and not (groups if merged else fused)
     assert len(dropped) == (14 if dropout else 0)
 
 
+@MERGED
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_shared_lora_a_under_gradient_checkpointing_equals_peft(dora):
+def test_shared_lora_a_under_gradient_checkpointing_equals_peft(dora, merged):
     """Checkpointing recomputes each block in backward with new tensors: the shared rank-r activations
     are recomputed, never reused from the first pass, so gradients equal PEFT's."""
     model = _peft_model(dora)
@@ -179,14 +189,15 @@ def test_shared_lora_a_under_gradient_checkpointing_equals_peft(dora):
     model.train()
     ids = torch.randint(0, 101, (2, 19))
     ref_out, ref_grads = _forward_backward(model, ids)
-    apply_lean(model)
+    apply_lean(model, merged=merged)
     out, grads = _forward_backward(model, ids)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_shared_lora_a_leaves_nothing_behind_under_checkpointing():
+@MERGED
+def test_shared_lora_a_leaves_nothing_behind_under_checkpointing(merged):
     """Checkpointing recomputes each block in backward and nothing back-propagates through that
     recomputed graph: a cached rank-r activation would keep its saved tensors (a whole layer's
     activations) alive until the next step. Every group's cache must be empty after a step."""
@@ -194,7 +205,7 @@ def test_shared_lora_a_leaves_nothing_behind_under_checkpointing():
     model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.base_model.model.enable_input_require_grads()
     model.train()
-    apply_lean(model)
+    apply_lean(model, merged=merged)
     _forward_backward(model, torch.randint(0, 101, (2, 19)))
     groups = [m.__dict__["_lean_group"] for m in model.modules() if "_lean_group" in m.__dict__]
     assert len(groups) == 10  # q/k/v + gate/up, 2 blocks
@@ -212,8 +223,46 @@ def test_lean_auto_policy():
     assert lean_enabled(PeftConfig(lean=True), "cuda") and not lean_enabled(PeftConfig(lean=False), "cpu")
 
 
+def test_lean_merged_auto_policy():
+    """peft.lean_merged=auto: on CPU only (its weight copy is not worth it on a GPU)."""
+    from llama_lora.config.schema import PeftConfig
+    from llama_lora.kernels import lean_merged_enabled
+
+    assert PeftConfig().lean_merged == "auto"
+    assert lean_merged_enabled(PeftConfig(), "cpu") and not lean_merged_enabled(PeftConfig(), "cuda")
+    assert lean_merged_enabled(PeftConfig(lean_merged=True), "mps")
+    assert not lean_merged_enabled(PeftConfig(lean_merged=False), "cpu")
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_lean_step_under_bf16_autocast_matches_peft(dora):
+def test_merged_step_trains_like_peft(dora):
+    """Three AdamW steps on different batches: the merged weights W + s B A (and DoRA's norm of them)
+    must follow A and B as the optimizer changes them in place, so the parameters track PEFT's."""
+    ref, lean = _peft_model(dora), _peft_model(dora)
+    apply_lean(lean, merged=True)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.01) for m in (ref, lean)]
+    q_proj = lean.base_model.model.model.layers[0].self_attn.q_proj
+    for step in range(3):
+        ids = torch.randint(0, 101, (2, 17), generator=torch.Generator().manual_seed(step))
+        for model, opt in zip((ref, lean), opts):
+            model.train()
+            _forward_backward(model, ids)
+            opt.step()
+        if step == 0:  # built in the first forward from A and B as they were then
+            w, _ = q_proj.__dict__["_lean_merged_weight"][1]
+            a, b = q_proj.lora_A["default"].weight, q_proj.lora_B["default"].weight
+            assert not torch.allclose(w, q_proj.base_layer.weight + q_proj.scaling["default"] * (b @ a))
+    for (name, p), (_, q) in zip(ref.named_parameters(), lean.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q, p, atol=2e-5, rtol=1e-4, msg=name)
+    ids = torch.randint(0, 101, (1, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(lean(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@MERGED
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_lean_step_under_bf16_autocast_matches_peft(dora, merged):
     """The autocast path (bf16 weights, fp32 adapters, casts inside the lean step, shared A matmul) on
     CPU; tests/gpu runs the same comparison under CUDA autocast."""
     torch.manual_seed(0)
@@ -235,8 +284,10 @@ def test_lean_step_under_bf16_autocast_matches_peft(dora):
         return logits.float().detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
     ref_logits, ref_grads = step()
-    apply_lean(model)
+    apply_lean(model, merged=merged)
     logits, grads = step()
+    # bf16 would round the update s B A away in W + s B A: the merged step stands aside
+    assert not any("_lean_merged_weight" in m.__dict__ for m in model.modules())
     rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
     assert rel(logits, ref_logits) < 2e-2
     assert grads.keys() == ref_grads.keys()

@@ -64,6 +64,11 @@ def test_terms_follow_the_configuration():
     assert base.total_bytes < dora.total_bytes < 1.15 * base.total_bytes
     # The loss over a 128k vocabulary: 12 bytes per kept logit (log-softmax + two gradients, fp32).
     assert base.breakdown["logits/loss"] == 1024 * 128256 * 12
+    # The merged step keeps W + s B A of each adapted layer in fp32 (on CPU, fp32, without dropout only).
+    assert base.breakdown["merged weights"] == 16 * (2048 * 2048 * 2 + 2048 * 512 * 2 + 2048 * 8192 * 3) * 4
+    for off in (_cfg(peft={"lean_merged": False}), _cfg(peft={"dropout": 0.05}), _cfg(training={"precision": "bf16"})):
+        assert plan_memory(off, LLAMA_32_1B, "cpu", 4, tokens_per_micro_batch=1024).breakdown["merged weights"] == 0
+    assert plan_memory(_cfg(), LLAMA_32_1B, "cuda", 4, tokens_per_micro_batch=1024).breakdown["merged weights"] == 0
     # Without token counts the worst case is planned: every example at data.max_seq_length.
     worst = plan_memory(_cfg(data={"max_seq_length": 256}), LLAMA_32_1B, "cpu", 2)
     assert worst.tokens_per_micro_batch == 512 and "worst case" in worst.report()
@@ -83,7 +88,8 @@ def _examples(n, lo, hi, seed=0):
     {},
     {"peft": {"method": "dora"}},
     {"data": {"packing": False}},
-], ids=["lora-packed", "dora-packed", "lora-padded"])
+    {"peft": {"lean_merged": False}},
+], ids=["lora-packed", "dora-packed", "lora-padded", "lora-packed-low-rank"])
 def test_prediction_within_10_percent_of_measured_peak(overrides):
     """One real training step (fp32 CPU) measured with PyTorch's profiler vs the plan's tensor total."""
     cfg = _cfg(**overrides)
