@@ -248,11 +248,11 @@ def _lean_forward(self, x, *args, **kwargs):
         # ops and the Functions' backward (which autocast does not cover) see one dtype; grads flow back
         # to fp32 adapters through the casts.
         cd = torch.get_autocast_dtype(dev)
-        xc, w, bias = x.to(cd), base.weight.to(cd), None if base.bias is None else base.bias.to(cd)
+        xc, bias = x.to(cd), None if base.bias is None else base.bias.to(cd)
         m = None if magnitude is None else magnitude.float()
     else:
         cd = a.dtype
-        xc, w, bias, m = x.to(cd), base.weight.to(cd), base.bias, magnitude
+        xc, bias, m = x.to(cd), base.bias, magnitude
     x2 = xc.reshape(-1, xc.shape[-1])
     if p == 0 and cd == torch.float32 and self.__dict__.get("_lean_merged"):
         out = _shared(self, name, x, "merged", lambda members: _merged_outputs(members, name, x2))
@@ -267,7 +267,7 @@ def _lean_forward(self, x, *args, **kwargs):
         if p == 0:
             h = _shared(self, name, x, cd, lambda members: _group_lora_a(
                 x2, [mm.lora_A[name].weight.to(cd) for mm in members]))
-        out = lean_linear(xc, w, bias, a.to(cd) if h is None else None, b.to(cd), m, norm, scale, p, h)
+        out = lean_linear(xc, base.weight.to(cd), bias, a.to(cd) if h is None else None, b.to(cd), m, norm, scale, p, h)
     return out if amp or out.dtype == x.dtype else out.to(x.dtype)
 
 
