@@ -30,10 +30,11 @@ dx (two passes over the input gradient) leave every micro-batch: a third fewer a
 of each adapted weight in memory (the planner counts it), and only fp32 qualifies: rounded to bf16,
 W + s B A would lose the update s B A, which is far below W's last bit early in training.
 
-Everything except the dropout mask and DoRA's scaling is plain differentiable torch ops: their
-backward runs in autograd's C++ engine, which measured 3-5% of a CPU step faster than the same
-arithmetic in Python autograd Functions (40M benchmark, LoRA step vs the same floor 1.13-1.15x ->
-1.07-1.10x in repeated runs; benchmarks/README.md).
+In the low-rank step everything except the dropout mask and DoRA's scaling is plain differentiable
+torch ops: their backward runs in autograd's C++ engine, which measured 3-5% of a CPU step faster than
+the same arithmetic in two Python autograd Functions per layer (40M benchmark, LoRA step vs the same
+floor 1.13-1.15x -> 1.07-1.10x in repeated runs; benchmarks/README.md). The merged step needs one
+Function (autograd cannot route dA, dB around a detached W'), one per input-sharing group.
 
 The parameters, their names and the saved files are PEFT's own (only the module's forward is replaced),
 so `save_pretrained` writes a standard adapter that plain `peft` loads with equal outputs. With dropout,
