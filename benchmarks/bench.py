@@ -16,8 +16,8 @@ alternate between methods:
   (d) the floor: the frozen model's forward + backward on llama-lora's batches (no adapter, no optimizer)
   (e) (a) with training.precision=bf16 (opt-in with --methods): CPU's default is fp32; TRL's is bf16
   (f) (a) with peft.lean=false (PEFT's forward; opt-in with --methods), the lean step's baseline
-  (g)-(j) more opt-in variants of (a) (--help): auto_batch_size, dropout, and (j) peft.lean_merged=false,
-      the lean step without merged weights
+  (g)-(k) more opt-in variants of (a) (--help): auto_batch_size, dropout, (j) peft.lean_merged=false,
+      the lean step without merged weights, and (k) peft.lean_kernel=false, the rank-r products by BLAS
 
 For each: non-padding tokens/s (median over the measured steps after warm-up), the ratio to (b), peak
 tensor memory of one optimizer step (PyTorch's memory profiler, all tensors alive including weights and
@@ -278,6 +278,7 @@ LLAMA_LORA_VARIANTS = {  # code -> (row name, frozen, config overrides)
           {"training.auto_batch_size": True, "peft.lean": False}),
     "i": ("(i) llama-lora, peft.dropout=0.05", False, {"peft.dropout": 0.05}),  # the earlier default
     "j": ("(j) llama-lora, peft.lean_merged=false", False, {"peft.lean_merged": False}),
+    "k": ("(k) llama-lora, peft.lean_kernel=false", False, {"peft.lean_kernel": False}),
 }
 
 
@@ -603,7 +604,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", default="a,b,c,d",
                     help="subset of a,b,c,d; e = (a) with training.precision=bf16; f = (a) with peft.lean=false; "
                          "g = (a) with training.auto_batch_size=true; h = g with peft.lean=false; i = (a) with peft.dropout=0.05; "
-                         "j = (a) with peft.lean_merged=false")
+                         "j = (a) with peft.lean_merged=false; k = (a) with peft.lean_kernel=false")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--no-planner", action="store_true")
@@ -645,9 +646,9 @@ def main(argv=None) -> dict:
     peaks = [matmul_flops(args.threads)]
     results: list[Result] = []
     methods = args.methods.split(",")
-    unknown = set(methods) - set("abcdefghij")
+    unknown = set(methods) - set("abcdefghijk")
     if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from a,b,c,d,e,f,g,h,i,j")
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from a,b,c,d,e,f,g,h,i,j,k")
 
     def show(r: Result, t0: float) -> None:
         # Partial results survive an interrupted run.
@@ -748,6 +749,10 @@ def summarise(results, spec, mc, peak_flops, steps, args) -> dict:
     }
 
 
+def _times(ratio) -> str:
+    return "-" if ratio is None or math.isnan(ratio) else f"{ratio:.2f}x"  # "-": no TRL row to compare with
+
+
 def to_markdown(report: dict) -> str:
     lines = [
         f"Command: `{report['command']}`; {report['machine'].get('gpu') or str(report['machine']['threads']) + ' threads'}, "
@@ -764,8 +769,7 @@ def to_markdown(report: dict) -> str:
         lines.append(
             f"| {r['method']} | {r['adapter'] if r['adapter'] != '-' else '- (%s block)' % r['block']} | "
             f"{r['tokens_per_second']:.0f} | "
-            f"{r['ratio_to_trl'] or float('nan'):.2f}x | {r['tokens_per_cpu_second']:.0f} | "
-            f"{r['cpu_ratio_to_trl'] or float('nan'):.2f}x | "
+            f"{_times(r['ratio_to_trl'])} | {r['tokens_per_cpu_second']:.0f} | {_times(r['cpu_ratio_to_trl'])} | "
             f"{'%.3fx' % r['step_vs_floor'] if r.get('step_vs_floor') else '-'} | {r['peak_memory_mb'] or float('nan'):.0f} | "
             f"{r['final_loss'] if r['final_loss'] is not None else float('nan'):.3f} | {r['effective_mfu']:.2f} |"
         )

@@ -29,6 +29,8 @@ dx (two passes over the input gradient) leave every micro-batch: a third fewer a
 40M CPU benchmark LoRA +2.8% and DoRA +4.1% tokens/s (benchmarks/README.md). The cost is one copy
 of each adapted weight in memory (the planner counts it), and only fp32 qualifies: rounded to bf16,
 W + s B A would lose the update s B A, which is far below W's last bit early in training.
+On CPU the backward's rank-r products (gh with dB in one pass over g, and dA) run in native.py's C kernel
+where it builds (peft.lean_kernel): BLAS runs such narrow products at a third to a half of its rate.
 
 In the low-rank step everything except the dropout mask and DoRA's scaling is plain differentiable
 torch ops: their backward runs in autograd's C++ engine, which measured 3-5% of a CPU step faster than
@@ -52,6 +54,8 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+
+from llama_lora import native
 
 log = logging.getLogger(__name__)
 
@@ -161,26 +165,19 @@ def _row_norm(module, name: str, weight: torch.Tensor, a: torch.Tensor, b: torch
     return norm
 
 
-def _wide_t_narrow(wide: torch.Tensor, narrow: torch.Tensor) -> torch.Tensor:
-    """wide^T @ narrow for (N x d) and (N x r), a weight gradient summed over the N tokens.
-
-    Such long-K products run far below a big matmul's FLOP/s on CPU, and which operand the BLAS call
-    takes transposed matters: measured (N=750, r=16, operand out of cache) 106 vs 67 GFLOP/s the
-    direct way for d >= 1024, the other way round (73 vs 63) for d=512.
-    """
-    return wide.t() @ narrow if wide.shape[1] >= 1024 else (narrow.t() @ wide).t()
-
-
 class _MergedLora(torch.autograd.Function):
     """The k adapted Linears that read one x (q/k/v, gate/up, or a single one), computed against their
-    merged weights W_i' = W_i + s_i B_i A_i (detached; the module docstring gives the algebra)."""
+    merged weights W_i' = W_i + s_i B_i A_i (detached; the module docstring gives the algebra). The
+    backward's rank-r products go through native.py: its CPU kernel where `kernel`, else torch."""
 
     @staticmethod
-    def forward(ctx, x, scales, a, *merged_then_b):
+    def forward(ctx, x, scales, kernel: bool, a, *merged_then_b):
         k = len(merged_then_b) // 2
         outs = tuple(x @ w.t() for w in merged_then_b[:k])
+        # h by BLAS: for x A^T alone the kernel measured slower in a step (40 vs 33 ms per 40M step), though
+        # faster on its own; it wins where it fuses (gh with dB) or replaces a long-K product (dA).
         ctx.save_for_backward(x, x @ a.t(), a, *merged_then_b)
-        ctx.scales = scales
+        ctx.scales, ctx.kernel = scales, kernel
         return outs
 
     @staticmethod
@@ -188,18 +185,17 @@ class _MergedLora(torch.autograd.Function):
         x, h, a, *rest = ctx.saved_tensors
         k = len(rest) // 2
         merged, bs = rest[:k], rest[k:]
-        gh, grad_b = [], []
-        for g, b, hi, s in zip(grads, bs, h.split([b.shape[1] for b in bs], dim=1), ctx.scales):
-            gh.append((g @ b).mul_(s))
-            grad_b.append(_wide_t_narrow(g, hi).mul_(s))
-        gh = gh[0] if k == 1 else torch.cat(gh, dim=1)
+        # gh_i = s g_i B_i and dB_i = s g_i^T h_i, one pass over g_i with the kernel
+        parts = [native.proj_and_wgrad(g, b, hi, s, ctx.kernel)
+                 for g, b, hi, s in zip(grads, bs, h.split([b.shape[1] for b in bs], dim=1), ctx.scales)]
+        gh = parts[0][0] if k == 1 else torch.cat([p[0] for p in parts], dim=1)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grads[0] @ merged[0]
             for g, w in zip(grads[1:], merged[1:]):
                 grad_x.addmm_(g, w)  # the group's input gradients summed inside the matmuls
-        grad_a = _wide_t_narrow(x, gh).t() if ctx.needs_input_grad[2] else None
-        return (grad_x, None, grad_a) + (None,) * k + tuple(grad_b)
+        grad_a = native.wgrad(x, gh, kernel=ctx.kernel).t() if ctx.needs_input_grad[3] else None
+        return (grad_x, None, None, grad_a) + (None,) * k + tuple(p[1] for p in parts)
 
 
 def _merged_weight(module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -225,7 +221,8 @@ def _merged_outputs(members, name: str, x2: torch.Tensor) -> tuple[torch.Tensor,
     if not torch.is_grad_enabled() or not (x2.requires_grad or any(t.requires_grad for t in a + b)):
         return tuple(x2 @ w.t() for w in merged)  # inference: the merged model, no adapter work at all
     scales = tuple(float(m.scaling[name]) for m in members)
-    return _MergedLora.apply(x2, scales, a[0] if len(a) == 1 else torch.cat(a), *merged, *b)
+    kernel = bool(members[0].__dict__.get("_lean_native"))
+    return _MergedLora.apply(x2, scales, kernel, a[0] if len(a) == 1 else torch.cat(a), *merged, *b)
 
 
 def _lean_forward(self, x, *args, **kwargs):
@@ -324,10 +321,11 @@ def _lean_capable(module, name: str) -> bool:
     )
 
 
-def apply_lean(model: torch.nn.Module, merged: bool = False) -> int:
+def apply_lean(model: torch.nn.Module, merged: bool = False, native_kernel: bool = False) -> int:
     """Route every PEFT LoRA/DoRA Linear of `model` through the fused step; returns how many.
 
-    `merged`: the merged step where it qualifies (fp32, no dropout; the module docstring). Only forward
+    `merged`: the merged step where it qualifies (fp32, no dropout; the module docstring);
+    `native_kernel`: its rank-r products through native.py's CPU kernel (where it is built). Only forward
     methods are swapped on the instances: parameters, state_dict and save_pretrained are untouched, and
     `remove_lean` restores PEFT's forward.
     """
@@ -340,6 +338,7 @@ def apply_lean(model: torch.nn.Module, merged: bool = False) -> int:
             if name in module.lora_A and _lean_capable(module, name):
                 module.forward = types.MethodType(_lean_forward, module)
                 module.__dict__["_lean_merged"] = merged
+                module.__dict__["_lean_native"] = native_kernel
                 n += 1
         # Input-sharing groups among this module's children (the attention and MLP blocks).
         for names in SHARED_INPUT_GROUPS:
@@ -360,7 +359,7 @@ def remove_lean(model: torch.nn.Module) -> None:
     for module in model.modules():
         if "forward" in module.__dict__ and getattr(module.forward, "__func__", None) is _lean_forward:
             del module.forward
-            for key in ("_lean_cache", "_lean_group", "_lean_merged", "_lean_merged_weight"):
+            for key in ("_lean_cache", "_lean_group", "_lean_merged", "_lean_merged_weight", "_lean_native"):
                 module.__dict__.pop(key, None)
 
 
@@ -506,6 +505,23 @@ def lean_merged_enabled(peft_cfg, device: str) -> bool:
     return device == "cpu"
 
 
+def lean_kernel_enabled(peft_cfg, device: str) -> bool:
+    """peft.lean_kernel resolved for a device: the CPU kernel of native.py, where it builds (auto) or
+    must (true: an error names why it cannot)."""
+    if peft_cfg.lean_kernel is False or device != "cpu":
+        return False
+    if native.load() is None:
+        if peft_cfg.lean_kernel is True:
+            from llama_lora.errors import LlamaLoraError
+
+            raise LlamaLoraError(
+                f"peft.lean_kernel=true, but llama-lora's CPU kernel cannot be built here ({native.why()}). "
+                "It needs GCC with OpenMP on PATH (e.g. `apt install gcc`); or set peft.lean_kernel=auto "
+                "(BLAS where it cannot be built) or false.")
+        return False
+    return True
+
+
 def prepare_for_training(model, cfg, lean: bool = True) -> None:
     """What train.py applies after apply_adapter: varlen attention for packed rows, the lean step."""
     if cfg.data.packing and use_varlen_attention(model):
@@ -513,6 +529,8 @@ def prepare_for_training(model, cfg, lean: bool = True) -> None:
     device = next(model.parameters()).device.type
     if lean and hasattr(model, "peft_config") and lean_enabled(cfg.peft, device):
         merged = lean_merged_enabled(cfg.peft, device)
-        n = apply_lean(model, merged=merged)
-        log.info("Lean %s step on %d adapted layers (peft.lean=%s, merged weights %s).", cfg.peft.method, n,
-                 cfg.peft.lean, "in fp32 without dropout" if merged else "off")
+        kernel = merged and lean_kernel_enabled(cfg.peft, device)
+        n = apply_lean(model, merged=merged, native_kernel=kernel)
+        log.info("Lean %s step on %d adapted layers (peft.lean=%s, merged weights %s, rank-r products by %s).",
+                 cfg.peft.method, n, cfg.peft.lean, "in fp32 without dropout" if merged else "off",
+                 "llama-lora's CPU kernel" if kernel else "BLAS")

@@ -35,7 +35,7 @@ from llama_lora.config.load import to_yaml
 from llama_lora.config.schema import Config
 from llama_lora.errors import LlamaLoraError
 from llama_lora.evaluate import response_loss_sum
-from llama_lora.kernels import prepare_for_training
+from llama_lora.kernels import lean_kernel_enabled, prepare_for_training
 
 log = logging.getLogger("llama_lora.train")
 
@@ -62,6 +62,7 @@ def run(cfg: Config) -> Path:
     log.info("Run directory %s", run_dir.path)
     log.info("Runtime: %s", runtime.reason)
     model_lib.apply_process_settings(runtime)  # TF32 on CUDA, malloc that keeps freed memory on CPU
+    lean_kernel_enabled(cfg.peft, runtime.device)  # peft.lean_kernel=true that cannot build fails here, first
 
     # ---- tokenizer and data first: a data mistake fails in seconds, before a large model is loaded
     # The main process goes first where a cache gets filled (the embedded model and data are built on

@@ -14,11 +14,11 @@ CFG = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_laye
            num_key_value_heads=2, max_position_embeddings=64)
 
 
-def _peft_model(dora: bool, dropout: float = 0.0, seed: int = 0):
+def _peft_model(dora: bool, dropout: float = 0.0, seed: int = 0, r: int = 4):
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_config(LlamaConfig(**CFG), dtype=torch.float32)
     base.config.use_cache = False
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules="all-linear",
                                             use_dora=dora))
     with torch.no_grad():  # B = 0 at init would hide any error in the adapter path
         for name, p in model.named_parameters():

@@ -109,6 +109,13 @@ class PeftConfig(_Strict):
         "(the planner counts it); applies only in fp32 without dropout (in bf16, W + s*B*A would round the "
         "update away). auto: on CPU.",
     )
+    lean_kernel: bool | Literal["auto"] = Field(
+        "auto",
+        description="In the merged step on CPU, compute the rank-r products (x*A^T, g*B, the B and A gradients) "
+        "with llama-lora's C kernel (native.py, csrc/lowrank.c; compiled once with the system's gcc into the "
+        "cache directory) instead of BLAS, which runs them at a third to a half of its big-matmul rate. "
+        "auto: where gcc builds it, BLAS otherwise; true: fail if it cannot be built; false: BLAS.",
+    )
 
     @field_validator("target_modules", mode="before")
     @classmethod
