@@ -45,6 +45,7 @@ def run(cfg: Config) -> Path:
     tc = cfg.training
     caps = model_lib.probe_capabilities()
     runtime = model_lib.choose_runtime(tc, cfg.model, caps)
+    lean_kernel_enabled(cfg.peft, runtime.device)  # peft.lean_kernel=true that cannot build fails here, first
     accelerator = Accelerator(
         cpu=runtime.device == "cpu",
         mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[runtime.precision],
@@ -62,7 +63,6 @@ def run(cfg: Config) -> Path:
     log.info("Run directory %s", run_dir.path)
     log.info("Runtime: %s", runtime.reason)
     model_lib.apply_process_settings(runtime)  # TF32 on CUDA, malloc that keeps freed memory on CPU
-    lean_kernel_enabled(cfg.peft, runtime.device)  # peft.lean_kernel=true that cannot build fails here, first
 
     # ---- tokenizer and data first: a data mistake fails in seconds, before a large model is loaded
     # The main process goes first where a cache gets filled (the embedded model and data are built on

@@ -377,3 +377,16 @@ def test_a_checkpoint_pickle_cannot_run_code(world, tiny_base, tmp_path, capsys)
     assert exc.value.code == 2
     assert "Cannot resume from the checkpoint" in message and "Weights only load failed" in message, message
     assert not marker.exists()
+
+
+def test_lean_kernel_required_without_gcc_fails_before_anything(world, tiny_base, tmp_path):
+    """peft.lean_kernel=true where the CPU kernel cannot be built (no gcc on PATH): one paragraph naming
+    the field, why and the fix, before a run directory or a model exists."""
+    argv = ["train", *[a.format(base=tiny_base, w=world) for a in TRAIN], "run_name=kernel", "peft.lean_kernel=true"]
+    proc = run_cli(*argv, check=False, timeout=120, env={"PATH": str(tmp_path)})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    message = _paragraph(proc.stderr)
+    for word in ("peft.lean_kernel=true", "no gcc on PATH", "peft.lean_kernel=auto"):
+        assert word in message, message
+    assert not (world / "out" / "kernel").exists()
