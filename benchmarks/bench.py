@@ -646,9 +646,10 @@ def main(argv=None) -> dict:
     peaks = [matmul_flops(args.threads)]
     results: list[Result] = []
     methods = args.methods.split(",")
-    unknown = set(methods) - set("abcdefghijk")
+    known = sorted(set("bc") | set(LLAMA_LORA_VARIANTS))  # TRL, Trainer, and llama-lora's variants
+    unknown = set(methods) - set(known)
     if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from a,b,c,d,e,f,g,h,i,j,k")
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {','.join(known)}")
 
     def show(r: Result, t0: float) -> None:
         # Partial results survive an interrupted run.

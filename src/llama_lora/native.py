@@ -4,7 +4,8 @@ Why hand-written: with the merged step (kernels.py) what a LoRA step adds to the
 products per layer whose one side is only r wide (h = x A^T, gh = s g B, dB = s g^T h, dA = gh^T x).
 On the 40M CPU benchmark they measured 6% of a step at 70-110 GFLOP/s through MKL, against ~190 for
 its big matmuls; the kernel runs them near the big matmuls' rate and computes gh and dB in one pass
-over g (benchmarks/README.md has the step before/after).
+over g (benchmarks/README.md has the step before/after). The step leaves h = x A^T to BLAS, which was
+faster there in place (`proj` alone measured faster only on warm operands).
 
 The C file is compiled once per machine with the system's gcc (-O3 -march=native -fopenmp: it joins
 torch's own OpenMP runtime, libgomp, and its thread count) into `<cache>/native/`, keyed by the source,

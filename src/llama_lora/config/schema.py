@@ -111,9 +111,10 @@ class PeftConfig(_Strict):
     )
     lean_kernel: bool | Literal["auto"] = Field(
         "auto",
-        description="In the merged step on CPU, compute the rank-r products (x*A^T, g*B, the B and A gradients) "
-        "with llama-lora's C kernel (native.py, csrc/lowrank.c; compiled once with the system's gcc into the "
-        "cache directory) instead of BLAS, which runs them at a third to a half of its big-matmul rate. "
+        description="In the merged step on CPU, compute the backward's rank-r products (g*B with the B gradient "
+        "in one pass over g, and the A gradient) with llama-lora's C kernel (native.py, csrc/lowrank.c; compiled "
+        "once with the system's gcc into the cache directory) instead of BLAS, which runs them at a third to a "
+        "half of its big-matmul rate (40M CPU benchmark: LoRA step 1.10x -> 1.07x the frozen floor). "
         "auto: where gcc builds it, BLAS otherwise; true: fail if it cannot be built; false: BLAS.",
     )
 
