@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -195,11 +196,12 @@ def llama_lora_cfg(model_dir: Path, adapter: str, overrides: dict | None = None)
 
 def llama_lora_setup(cfg, frozen: bool = False):
     """Model, params and optimizer exactly as train.py sets them up (no Accelerator: one CPU process)."""
-    from llama_lora import data as data_lib, model as model_lib
+    from llama_lora import data as data_lib, lean, model as model_lib
     from llama_lora.adapter import apply_adapter
-    from llama_lora.kernels import prepare_for_training
+    from llama_lora.attention import use_varlen_attention
 
     runtime = model_lib.choose_runtime(cfg.training, cfg.model, model_lib.probe_capabilities())
+    runtime = dataclasses.replace(runtime, lean=lean.decide(cfg.peft, runtime.device, runtime.precision))
     model_lib.apply_process_settings(runtime)  # as train.py: process-wide, so (b) and (c) get it too
     torch.manual_seed(cfg.training.seed)
     model = model_lib.load_model(cfg.model.name_or_path, cfg.model, runtime, training=True)
@@ -211,11 +213,14 @@ def llama_lora_setup(cfg, frozen: bool = False):
         attn = model.model.layers[0].self_attn
         for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
             proj.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-        prepare_for_training(model, cfg)
+        if cfg.data.packing:
+            use_varlen_attention(model)
         model.bench_amp = _amp(runtime)
         return model, [], None, data_lib.make_collate(cfg.data.packing, PAD)
-    model = apply_adapter(model, cfg.peft)
-    prepare_for_training(model, cfg)
+    model = apply_adapter(model, cfg.peft, lean=runtime.lean)
+    if cfg.data.packing:
+        use_varlen_attention(model)
+    model.bench_lean = runtime.lean  # the planner reads the same decision
     params = [p for p in model.parameters() if p.requires_grad]
     tc = cfg.training
     opt = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay,
@@ -243,7 +248,7 @@ def llama_lora_step_parts(model, params, opt, collate, micro_batches, max_grad_n
     """llama_lora_step as a generator that pauses after each part (a micro-batch's forward + backward,
     the optimizer), so several variants can interleave at that grain; the last part fills `out`."""
     from llama_lora.data import IGNORE_INDEX
-    from llama_lora.evaluate import response_loss_sum
+    from llama_lora.loss import response_loss_sum
 
     count = sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for mb in micro_batches for e in mb)
     amp = getattr(model, "bench_amp", None)
@@ -302,7 +307,7 @@ def run_llama_lora(model_dir, adapter, steps, micro, codes) -> list[Result]:
             from llama_lora.planner import auto_batch_size
 
             res.micro, _, plan = auto_batch_size(cfg, model.get_base_model().config, DEVICE,
-                                                 [len(e["input_ids"]) for s in steps for e in s])
+                                                 [len(e["input_ids"]) for s in steps for e in s], lean=model.bench_lean)
             res.notes = f"micro-batch {res.micro} (planned peak {plan.total_bytes / 2**30:.1f} GiB)"
         runs.append((res, cfg, model, params, opt, collate, frozen, sched))
     for k, step in enumerate(steps):
@@ -512,7 +517,8 @@ def planner_checks(model_dir, steps, micro) -> list[dict]:
         loss_tokens = sum(sum(l != -100 for l in e["labels"][1:]) for e in big) if cfg.data.packing else None
         plan = plan_memory(cfg, mc, DEVICE, len(big), tokens_per_micro_batch=tokens,
                            rows_per_micro_batch=1 if cfg.data.packing else len(big),
-                           loss_tokens_per_micro_batch=loss_tokens if loss_tokens is not None else _padded_keep(big))
+                           loss_tokens_per_micro_batch=loss_tokens if loss_tokens is not None else _padded_keep(big),
+                           lean=model.bench_lean)
         out.append({"config": name, "predicted_bytes": plan.tensor_bytes, "measured_bytes": measured,
                     "error": plan.tensor_bytes / measured - 1, "breakdown": plan.breakdown})
         del model, opt
@@ -543,7 +549,7 @@ def profile_step(model_dir, steps, micro, adapter="lora") -> dict:
     """
     import torch.nn.functional as F
 
-    from llama_lora.evaluate import response_loss_sum
+    from llama_lora.loss import response_loss_sum
 
     cfg = llama_lora_cfg(model_dir, adapter)
     model, params, opt, collate = llama_lora_setup(cfg)

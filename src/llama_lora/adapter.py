@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -10,6 +11,9 @@ from transformers import PreTrainedModel
 
 from llama_lora.config.schema import PeftConfig
 from llama_lora.errors import LlamaLoraError
+
+if TYPE_CHECKING:
+    from llama_lora.lean import LeanPolicy
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +50,25 @@ def check_target_modules(model: torch.nn.Module, cfg: PeftConfig) -> None:
         )
 
 
-def apply_adapter(model: PreTrainedModel, cfg: PeftConfig) -> PeftModel:
+def apply_adapter(model: PreTrainedModel, cfg: PeftConfig, lean: LeanPolicy | None = None) -> PeftModel:
+    """The PEFT model of `cfg` on `model`. With a LeanPolicy that says lean (training: Runtime.lean), PEFT
+    creates llama-lora's LeanLinear layers (llama_lora.lean) set to that policy; their parameters, names
+    and saved files are PEFT's own. Without one (inference, merge), PEFT's own layers."""
     check_target_modules(model, cfg)
-    peft_model = get_peft_model(model, lora_config(cfg))
+    peft_cfg = lora_config(cfg)
+    if lean is not None and lean.lean:
+        from llama_lora import lean as lean_lib
+
+        lean_lib.register(peft_cfg)
+    peft_model = get_peft_model(model, peft_cfg)
     trainable, total = count_parameters(peft_model)
     log.info(
         "Adapter %s r=%d alpha=%g on %s: %s trainable of %s parameters (%.3f%%)",
         cfg.method, cfg.r, cfg.alpha, cfg.target_modules, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
     )
+    if lean is not None:
+        n = lean_lib.attach(peft_model, lean) if lean.lean else 0
+        log.info("Training step: %s%s.", lean.describe(), f"; {n} adapted layers run it" if lean.lean else "")
     return peft_model
 
 

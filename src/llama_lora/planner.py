@@ -17,11 +17,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PretrainedConfig
 
 from llama_lora.config.schema import Config
+
+if TYPE_CHECKING:
+    from llama_lora.lean import LeanPolicy
 
 GiB = 2**30
 # Framework baseline that is not tensors: the CUDA context + allocator reserve, or on CPU the Python
@@ -120,6 +124,18 @@ def _dtype_bytes(cfg: Config, device: str) -> tuple[int, int, str]:
     return rt.model_dtype.itemsize, act, rt.precision
 
 
+def _decide(cfg: Config, device: str, precision: str | None = None) -> LeanPolicy:
+    """The lean-step policy for a caller that passed none (validate, the benchmark, tests): decided as
+    train.py decides it for one unsharded process. The kernel does not change memory, so it is left
+    out of this decision (no build, and no error for peft.lean_kernel=true: train and validate report that)."""
+    from llama_lora.lean import decide
+
+    device = "cuda" if device.startswith("cuda") else device
+    if precision is None:
+        precision = _dtype_bytes(cfg, device)[2]
+    return decide(cfg.peft.model_copy(update={"lean_kernel": False}), device, precision)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Device memory.
 
@@ -151,12 +167,14 @@ def plan_memory(
     tokens_per_micro_batch: int | None = None,
     rows_per_micro_batch: int | None = None,
     loss_tokens_per_micro_batch: int | None = None,
+    lean: LeanPolicy | None = None,
 ) -> MemoryPlan:
     """Predicted peak memory of training `cfg` on `device` ('cpu', 'cuda' or 'mps').
 
     Without token counts the worst case is planned: every example at data.max_seq_length. train.py
     passes the real worst micro-batch of the tokenized data instead (its longest examples), and the
     benchmark the measured batch. `rows_per_micro_batch` is 1 with packing (one concatenated row).
+    `lean`: the run's lean-step policy (Runtime.lean); None: decided here as train.py would unsharded.
     """
     device = "cuda" if device.startswith("cuda") else device
     micro = micro_batch_size or cfg.training.micro_batch_size
@@ -167,6 +185,8 @@ def plan_memory(
     # first token; callers with data pass the response-token count.
     K = loss_tokens_per_micro_batch if loss_tokens_per_micro_batch is not None else T
     w_bytes, s, precision = _dtype_bytes(cfg, device)
+    if lean is None:
+        lean = _decide(cfg, device, precision)
 
     mc = model_config
     total_params, linears = _model_shapes(type(mc), mc.to_json_string(use_diff=False))
@@ -195,11 +215,8 @@ def plan_memory(
     drop = p.dropout > 0
 
     leaf = {m.name.rsplit(".", 1)[-1] for m in targets}
-    from llama_lora.kernels import lean_enabled, lean_merged_enabled
-
-    lean = lean_enabled(p, device)
+    merged = lean.merged
     # The merged step (fp32, no dropout) keeps W + s B A of every adapted layer, in fp32, between steps.
-    merged = lean and lean_merged_enabled(p, device) and precision == "fp32" and not drop
     merged_weights = sum(m.in_features * m.out_features for m in targets) * 4 if merged else 0
     # Inputs kept for the adapters' weight gradients, by the modules that read the same tensor. Without
     # dropout the shared input is kept once (autograd saves one storage). With dropout the lean step
@@ -212,7 +229,7 @@ def plan_memory(
         n = sum(1 for nm in names if nm in leaf)
         if n and not drop:
             adapter_inputs += width * s
-        elif n and lean:
+        elif n and lean.lean:
             adapter_inputs += width * s + n * width
         elif n:
             adapter_inputs += n * width * (2 * s if device == "cpu" else s + 1)
@@ -220,7 +237,7 @@ def plan_memory(
                     if nm in leaf)
     lora_mid = n_adapted * r * s  # lora_A outputs, kept for lora_B's weight gradient
 
-    # Packed rows run per-example attention (kernels.varlen_attention, or FlashAttention2's varlen):
+    # Packed rows run per-example attention (attention.varlen_attention, or FlashAttention2's varlen):
     # no mask, GQA without copies. Padded batches use SDPA with a B x L x L mask, which on CPU/CUDA
     # makes SDPA repeat k and v to every head (copies, and those are what it keeps).
     packed = rows == 1 and cfg.data.packing
@@ -233,7 +250,7 @@ def plan_memory(
         + nh * 4 + 2 * 4  # SDPA log-sum-exp, RMSNorm rsqrt (fp32)
         + adapter_inputs + lora_mid
     )
-    if dora and not lean:
+    if dora and not lean.lean:
         # PEFT's DoRA keeps the base and the LoRA output of each adapted module and a few more
         # out-sized tensors (measured: ~2.7 x out per module, fp32 CPU).
         per_layer += int(sum(m.out_features for m in targets) / max(layers, 1) * 2.7 * s)
@@ -285,21 +302,25 @@ def plan_memory(
 
 
 def largest_micro_batch(cfg: Config, model_config: PretrainedConfig, device: str, lengths: list[int] | None = None,
-                        upper: int | None = None) -> tuple[int, MemoryPlan]:
+                        upper: int | None = None, lean: LeanPolicy | None = None) -> tuple[int, MemoryPlan]:
     """The largest micro-batch (1..upper) whose planned peak fits, and its plan.
 
     `lengths` are the tokenized example lengths: a micro-batch of b is planned at the b longest (its
     worst case). Raises nothing: if even 1 does not fit, (1, plan) comes back with plan.fits False.
+    `lean` as for plan_memory.
     """
     upper = upper or cfg.training.micro_batch_size * cfg.training.gradient_accumulation_steps
     longest = sorted(lengths or [], reverse=True)
+    if lean is None:
+        lean = _decide(cfg, device)
 
     def plan(b: int) -> MemoryPlan:
         if not longest:
-            return plan_memory(cfg, model_config, device, b)
+            return plan_memory(cfg, model_config, device, b, lean=lean)
         tokens = sum(longest[:b]) if cfg.data.packing else b * longest[0]
         return plan_memory(cfg, model_config, device, b, tokens_per_micro_batch=tokens,
-                           rows_per_micro_batch=1 if cfg.data.packing else b, loss_tokens_per_micro_batch=tokens)
+                           rows_per_micro_batch=1 if cfg.data.packing else b, loss_tokens_per_micro_batch=tokens,
+                           lean=lean)
 
     best, best_plan = 1, plan(1)
     if not best_plan.fits:
@@ -316,18 +337,21 @@ def largest_micro_batch(cfg: Config, model_config: PretrainedConfig, device: str
 
 
 def auto_batch_size(cfg: Config, model_config: PretrainedConfig, device: str,
-                    lengths: list[int]) -> tuple[int, int, MemoryPlan]:
+                    lengths: list[int], lean: LeanPolicy | None = None) -> tuple[int, int, MemoryPlan]:
     """(micro_batch_size, gradient_accumulation_steps, plan) for training.auto_batch_size.
 
     The global batch the user configured (micro x accumulation) is kept: the micro-batch becomes its
     largest divisor whose planned peak fits the budget, and accumulation makes up the rest. The examples
-    of each optimizer step stay the same, only their split into forward passes changes.
+    of each optimizer step stay the same, only their split into forward passes changes. `lean`: the
+    run's lean-step policy (Runtime.lean); None: decided here once, as train.py would unsharded.
     """
     from llama_lora.errors import LlamaLoraError
 
     tc = cfg.training
     global_batch = tc.micro_batch_size * tc.gradient_accumulation_steps
-    fit, plan = largest_micro_batch(cfg, model_config, device, lengths, upper=global_batch)
+    if lean is None:
+        lean = _decide(cfg, device)
+    fit, plan = largest_micro_batch(cfg, model_config, device, lengths, upper=global_batch, lean=lean)
     if not plan.fits:
         raise LlamaLoraError(
             f"Even a micro-batch of 1 is predicted to need {_fmt(plan.total_bytes)}, more than the "
@@ -337,7 +361,7 @@ def auto_batch_size(cfg: Config, model_config: PretrainedConfig, device: str,
         )
     micro = max(d for d in range(1, fit + 1) if global_batch % d == 0)
     if micro != fit:
-        _, plan = largest_micro_batch(cfg, model_config, device, lengths, upper=micro)
+        _, plan = largest_micro_batch(cfg, model_config, device, lengths, upper=micro, lean=lean)
     return micro, global_batch // micro, plan
 
 

@@ -69,13 +69,14 @@ def check(cfg: Config) -> Report:
     except LlamaLoraError as e:
         runtime = None
         report.add("device", FAIL, str(e))
+    lean_policy = _check_lean(cfg, runtime, report) if runtime is not None else None
 
     model_path, model_config = _check_model(cfg, report)
     tokenizer = _check_tokenizer(cfg, model_path, report) if model_config is not None else None
     if model_config is not None:
         _check_target_modules(cfg, model_config, report)
         if runtime is not None:
-            _check_memory(cfg, model_config, runtime.device, report)
+            _check_memory(cfg, model_config, runtime.device, report, lean_policy)
     else:
         for name in ("tokenizer", "target modules", "memory"):
             report.add(name, SKIP, "needs the model (see above)")
@@ -188,13 +189,26 @@ def _check_target_modules(cfg: Config, model_config, report: Report) -> None:
                                      f": {', '.join(names)}")
 
 
-def _check_memory(cfg: Config, model_config, device: str, report: Report) -> None:
+def _check_lean(cfg: Config, runtime, report: Report):
+    """What the training step will run: the policy train.py decides (one unsharded process)."""
+    from llama_lora import lean
+
+    try:
+        policy = lean.decide(cfg.peft, runtime.device, runtime.precision)
+    except LlamaLoraError as e:
+        report.add("training step", FAIL, str(e))
+        return None
+    report.add("training step", OK, policy.describe())
+    return policy
+
+
+def _check_memory(cfg: Config, model_config, device: str, report: Report, lean=None) -> None:
     try:
         from llama_lora.planner import plan_memory
     except ImportError:
         report.add("memory", WARN, "the memory planner (llama_lora.planner) is not available in this install")
         return
-    plan = plan_memory(cfg, model_config, device)
+    plan = plan_memory(cfg, model_config, device, lean=lean)
     report.memory = plan.report()
     gib = 2**30
     if plan.available_bytes is None:

@@ -21,9 +21,9 @@ def _rel(a, b) -> float:
 
 
 def test_flash_varlen_matches_per_example_attention():
-    from llama_lora.kernels import _flash_varlen, varlen_attention
+    from llama_lora.attention import flash_varlen, varlen_attention
 
-    assert _flash_varlen() is not None, "torch.nn.attention.varlen missing: packed rows would loop over examples"
+    assert flash_varlen() is not None, "torch.nn.attention.varlen missing: packed rows would loop over examples"
     torch.manual_seed(0)
     lengths = [37, 120, 5, 250, 64]
     T, H, KV, D = sum(lengths), 8, 2, 64
@@ -56,25 +56,37 @@ def test_lean_step_matches_peft_under_bf16_autocast(dora):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from llama_lora.kernels import apply_lean, use_varlen_attention
+    from llama_lora import lean
+    from llama_lora.attention import use_varlen_attention
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
-    base = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
-    base.config.use_cache = False
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=dora))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # fp32 adapters
-    model.train()
+    def build(policy):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
+        base = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+        base.config.use_cache = False
+        config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=dora)
+        if policy is not None:
+            lean.register(config)
+        model = get_peft_model(base, config)
+        if policy is not None:
+            assert lean.attach(model, policy) == 14
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # fp32 adapters
+        model.train()
+        return model
+
+    ref_model = build(None)
+    model = build(lean.LeanPolicy(lean=True))
+    model.load_state_dict(ref_model.state_dict())
     lengths = [60, 17, 140]
     ids = torch.randint(0, 1000, (1, sum(lengths)), device="cuda")
     pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).cuda()
 
-    def step():
+    def step(model):
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(input_ids=ids, position_ids=pos).logits
@@ -82,10 +94,9 @@ def test_lean_step_matches_peft_under_bf16_autocast(dora):
         loss.backward()
         return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    ref_logits, ref_grads = step()  # PEFT's forward, transformers' SDPA with the packed mask
+    ref_logits, ref_grads = step(ref_model)  # PEFT's forward, transformers' SDPA with the packed mask
     assert use_varlen_attention(model)
-    assert apply_lean(model) == 14
-    logits, grads = step()
+    logits, grads = step(model)
     assert _rel(logits, ref_logits) < 2e-2
     assert grads.keys() == ref_grads.keys()
     for name in grads:
@@ -96,7 +107,7 @@ def test_lean_step_matches_peft_under_bf16_autocast(dora):
 def test_lean_dropout_on_cuda_matches_autograd_reference():
     """The CUDA dropout path (one native_dropout kernel): same RNG state -> same mask as a plain autograd
     reference, so outputs and all gradients must agree."""
-    from llama_lora.kernels import lean_linear
+    from llama_lora.lean.functions import lean_linear
 
     torch.manual_seed(0)
     x = torch.randn(300, 64, device="cuda", requires_grad=True)
@@ -124,11 +135,11 @@ def test_lean_dropout_on_cuda_matches_autograd_reference():
 def test_planner_predicts_cuda_peak_within_10_percent(overrides, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llama_lora import data as data_lib, model as model_lib
+    from llama_lora import data as data_lib, lean, model as model_lib
     from llama_lora.adapter import apply_adapter
+    from llama_lora.attention import use_varlen_attention
     from llama_lora.config.schema import Config
-    from llama_lora.evaluate import response_loss_sum
-    from llama_lora.kernels import prepare_for_training
+    from llama_lora.loss import response_loss_sum
     from llama_lora.planner import measure_peak_bytes, plan_memory
 
     torch.manual_seed(0)
@@ -141,8 +152,10 @@ def test_planner_predicts_cuda_peak_within_10_percent(overrides, tmp_path):
         setattr(getattr(cfg, section), name, value)
     runtime = model_lib.choose_runtime(cfg.training, cfg.model, model_lib.probe_capabilities())
     assert runtime.precision == "bf16" and runtime.model_dtype == torch.bfloat16
-    model = apply_adapter(model_lib.load_model(str(tmp_path / "m"), cfg.model, runtime), cfg.peft)
-    prepare_for_training(model, cfg)
+    policy = lean.decide(cfg.peft, runtime.device, runtime.precision)
+    model = apply_adapter(model_lib.load_model(str(tmp_path / "m"), cfg.model, runtime), cfg.peft, lean=policy)
+    if cfg.data.packing:
+        assert use_varlen_attention(model)
     model.train()  # checkpointing and dropout (0.05 by default) act in train mode only
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -166,7 +179,8 @@ def test_planner_predicts_cuda_peak_within_10_percent(overrides, tmp_path):
     tokens = batch["input_ids"].numel()
     keep = int((batch["labels"][:, 1:] != -100).any(0).sum()) * batch["input_ids"].shape[0]
     plan = plan_memory(cfg, mc, "cuda", len(examples), tokens_per_micro_batch=tokens,
-                       rows_per_micro_batch=batch["input_ids"].shape[0], loss_tokens_per_micro_batch=keep)
+                       rows_per_micro_batch=batch["input_ids"].shape[0], loss_tokens_per_micro_batch=keep,
+                       lean=policy)
     err = plan.tensor_bytes / measured - 1
     print(f"{overrides}: planned {plan.tensor_bytes / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB ({err:+.1%})")
     assert abs(err) < 0.10, plan.report()
@@ -174,7 +188,7 @@ def test_planner_predicts_cuda_peak_within_10_percent(overrides, tmp_path):
 
 @pytest.mark.slow
 def test_train_eval_merge_on_cuda(tmp_path, embedded_model, embedded_data):
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     run_cli("train", "experiment=quickstart", "training.max_steps=300", "training.eval_every=100",
             f"output_dir={tmp_path}", "run_name=gpu")

@@ -1,4 +1,4 @@
-"""llama-lora's CPU kernel for the rank-r products (native.py, csrc/lowrank.c): the same numbers as
+"""llama-lora's CPU kernel for the rank-r products (llama_lora/lean/native.py, csrc/lowrank.c): the same numbers as
 torch for every width and layout it takes, torch where it does not, and the merged LoRA/DoRA step through
 it equal to PEFT's. It is built with the machine's gcc: in CI, where gcc is on PATH, it must build."""
 
@@ -10,10 +10,9 @@ import shutil
 import pytest
 import torch
 
-from llama_lora import native
-from llama_lora.kernels import apply_lean
-
-from tests.unit.test_lean_adapter import _forward_backward, _peft_model
+from llama_lora import lean
+from llama_lora.lean import LeanPolicy, native
+from tests.helpers import forward_backward, tiny_peft_model
 
 BUILT = native.load() is not None
 if os.environ.get("CI") and shutil.which("gcc") and not BUILT:
@@ -25,13 +24,13 @@ needs_kernel = pytest.mark.skipif(not BUILT, reason=f"no native kernel here: {na
 def kernel_calls(monkeypatch):
     """How many products went through the C kernel (a spy: the call still runs)."""
     calls = []
-    real = native._call
+    real = native.call_kernel
 
     def spy(*args):
         calls.append(args[4])
         return real(*args)
 
-    monkeypatch.setattr(native, "_call", spy)
+    monkeypatch.setattr(native, "call_kernel", spy)
     return calls
 
 
@@ -82,15 +81,15 @@ def test_other_operands_take_torch(kernel_calls):
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 def test_merged_step_through_kernel_equals_peft(dora, checkpointing, kernel_calls):
-    model = _peft_model(dora, r=16)
-    if checkpointing:
-        model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.base_model.model.enable_input_require_grads()
-    model.train()
+    ref = tiny_peft_model(dora, r=16, checkpointing=checkpointing)
+    model = tiny_peft_model(dora, r=16, checkpointing=checkpointing, lean=LeanPolicy(True, True, True))
+    model.load_state_dict(ref.state_dict())
+    assert all(m.lean_kernel for m in lean.lean_layers(model))
+    ref.train(), model.train()
     ids = torch.randint(0, 101, (2, 37))
-    ref_out, ref_grads = _forward_backward(model, ids)
-    apply_lean(model, merged=True, native_kernel=True)
-    out, grads = _forward_backward(model, ids)
+    ref_out, ref_grads = forward_backward(ref, ids)
+    assert kernel_calls == []  # PEFT's layers: BLAS
+    out, grads = forward_backward(model, ids)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
@@ -100,28 +99,40 @@ def test_merged_step_through_kernel_equals_peft(dora, checkpointing, kernel_call
     assert len(kernel_calls) == 2 * (7 + 4)
 
 
-def test_lean_kernel_config(monkeypatch, tmp_path):
+@pytest.fixture
+def fresh_load():
+    """native.load() tries again (with this test's PATH); afterwards, again with the real one."""
+    native.forget()
+    yield
+    native.forget()
+    assert (native.load() is not None) == BUILT
+
+
+def test_lean_kernel_config(monkeypatch, tmp_path, fresh_load):
     """peft.lean_kernel: auto follows whether the kernel builds; true without a compiler is a clear error
-    naming the field and the fix; false and non-CPU devices never use it."""
+    naming the field and the fix, whatever else would decide it off; false and non-CPU devices never use it."""
     from llama_lora.config.schema import PeftConfig
     from llama_lora.errors import LlamaLoraError
-    from llama_lora.kernels import lean_kernel_enabled
 
     assert PeftConfig().lean_kernel == "auto"
-    assert lean_kernel_enabled(PeftConfig(), "cpu") == BUILT
-    assert not lean_kernel_enabled(PeftConfig(lean_kernel=False), "cpu")
-    assert not lean_kernel_enabled(PeftConfig(lean_kernel=True), "cuda")
-    monkeypatch.setattr(native, "_lib", False)  # not tried yet: the next load() builds anew
-    monkeypatch.setenv("PATH", str(tmp_path))  # no gcc on PATH
-    monkeypatch.setenv("LLAMA_LORA_CACHE", str(tmp_path))
-    with pytest.raises(LlamaLoraError, match=r"peft.lean_kernel=true.*no gcc on PATH.*peft.lean_kernel=auto"):
-        lean_kernel_enabled(PeftConfig(lean_kernel=True), "cpu")
-    assert not lean_kernel_enabled(PeftConfig(), "cpu")
+    assert lean.decide(PeftConfig(), "cpu", "fp32").kernel == BUILT
+    assert not lean.decide(PeftConfig(lean_kernel=False), "cpu", "fp32").kernel
+    assert not lean.decide(PeftConfig(lean_kernel=True, lean=True, lean_merged=True), "cuda", "fp32").kernel
+    native.forget()
+    with monkeypatch.context() as m:
+        m.setenv("PATH", str(tmp_path))  # no gcc on PATH
+        m.setenv("LLAMA_LORA_CACHE", str(tmp_path))
+        for cfg in (PeftConfig(lean_kernel=True), PeftConfig(lean_kernel=True, r=4, lean=False)):
+            with pytest.raises(LlamaLoraError, match=r"peft.lean_kernel=true.*no gcc on PATH.*peft.lean_kernel=auto"):
+                lean.decide(cfg, "cpu", "fp32")
+        auto = lean.decide(PeftConfig(), "cpu", "fp32")
+        assert auto.merged and not auto.kernel
+        assert auto.describe().endswith("rank-r products by BLAS (the kernel cannot be built here: no gcc on PATH)")
 
 
 @needs_kernel
 def test_build_is_cached_per_machine(tmp_path):
-    first = native._build(tmp_path)
+    first = native.build(tmp_path)
     stamp = first.stat().st_mtime_ns
-    assert native._build(tmp_path) == first and first.stat().st_mtime_ns == stamp  # built once
+    assert native.build(tmp_path) == first and first.stat().st_mtime_ns == stamp  # built once
     assert [p.name for p in (tmp_path / "native").iterdir()] == [first.name]  # no temporary left behind

@@ -1,12 +1,12 @@
-/* Rank-r products of a LoRA step on CPU, fp32: llama-lora's one hand-written kernel (see native.py).
+/* Rank-r products of a LoRA step on CPU, fp32: llama-lora's one hand-written kernel (see lean/native.py).
  *
  * A LoRA layer's adapter work is four products with one side only r (16-64) wide:
  *   h  = x A^T        (T x r)    proj:  out = s * M P,     M = x (T x n), P = A^T (n x r)
  *   gh = s g B        (T x r)    proj:  M = g, P = B
  *   dB = s g^T h      (out x r)  wgrad: out = s * M^T Q,   M = g, Q = h
  *   dA = gh^T x       (r x in)   wgrad: M = x, Q = gh (written transposed, in x r)
- * BLAS runs these at a third to a half of its big-matmul FLOP/s on CPU (it packs the long operand and
- * splits two threads poorly over r columns). Here every element of M is read once, broadcast against
+ * BLAS runs these well below its big-matmul FLOP/s on CPU (it packs the long operand and splits two
+ * threads poorly over r columns; benchmarks/README.md, range S13). Here every element of M is read once, broadcast against
  * one r-wide row held in vector registers (RB rows of M at a time, so each load of a P or out row
  * serves RB multiply-adds), and `both` computes gh and dB in the same pass over g. Threads split the
  * T rows; wgrad's threads accumulate privately and sum at the end. GCC/Clang vector extensions: AVX-512
@@ -72,8 +72,8 @@ static void NAME(const float *M, long ldm, const float *P, const float *Q, long 
 
 /* One function per width and mode, rows per block within the 32 vector registers of AVX-512: RB*W
  * accumulators (proj) or RB*W scaled Q rows (wgrad), both for `both`. The larger RB, the more
- * multiply-adds each broadcast and row load feeds. Measured (r=16, T=750, 2 cores): 74-112 GFLOP/s with
- * RB=8 or with the mode tested at run time inside the loop, 179-199 GFLOP/s as here. */
+ * multiply-adds each broadcast and row load feeds: RB=8, or the mode tested at run time inside the loop,
+ * measured about half as fast as these blocks (r=16, T=750, 2 cores). */
 #define DEFINE_WIDTH(W, RB_ONE, RB_BOTH)                                                                  \
     DEFINE_BLOCK(proj_##W, W, RB_ONE, 1, 0)                                                               \
     DEFINE_BLOCK(wgrad_##W, W, RB_ONE, 0, 1)                                                              \

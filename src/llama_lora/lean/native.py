@@ -1,11 +1,12 @@
-"""The CPU kernel for a LoRA step's rank-r products (csrc/lowrank.c), built on first use; BLAS otherwise.
+"""The CPU kernel for a LoRA step's rank-r products (llama_lora/csrc/lowrank.c), built on first use; BLAS
+otherwise.
 
-Why hand-written: with the merged step (kernels.py) what a LoRA step adds to the frozen model's is four
-products per layer whose one side is only r wide (h = x A^T, gh = s g B, dB = s g^T h, dA = gh^T x).
-On the 40M CPU benchmark they measured 6% of a step at 70-110 GFLOP/s through MKL, against ~190 for
-its big matmuls; the kernel runs them near the big matmuls' rate and computes gh and dB in one pass
-over g (benchmarks/README.md has the step before/after). The step leaves h = x A^T to BLAS, which was
-faster there in place (`proj` alone measured faster only on warm operands).
+Why hand-written: with the merged step (llama_lora.lean) what a LoRA step adds to the frozen model's is
+four products per layer whose one side is only r wide (h = x A^T, gh = s g B, dB = s g^T h, dA = gh^T x).
+Through MKL they run far below the rate of the step's big matmuls; the kernel runs them near that rate
+and computes gh and dB in one pass over g (benchmarks/README.md, "What changed the CPU step", the rank-r
+CPU kernel row, and rows (k) vs (a)). The step leaves h = x A^T to BLAS, which was faster there in place
+(`proj` alone measured faster only on warm operands; the same row).
 
 The C file is compiled once per machine with the system's gcc (-O3 -march=native -fopenmp: it joins
 torch's own OpenMP runtime, libgomp, and its thread count) into `<cache>/native/`, keyed by the source,
@@ -30,7 +31,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "lowrank.c"
+SOURCE = Path(__file__).parents[1] / "csrc" / "lowrank.c"  # package data of llama_lora
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
 _why = ""
@@ -46,7 +47,7 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build(cache_dir: Path) -> Path:
+def build(cache_dir: Path) -> Path:
     """Path of the shared library for this machine, compiling it first if needed (atomic: a parallel
     process finds either no file or a whole one)."""
     cc = shutil.which("gcc")
@@ -82,7 +83,7 @@ def load(cache_dir: str | Path | None = None) -> ctypes.CDLL | None:
     from llama_lora.embedded import default_cache_dir
 
     try:
-        lib = ctypes.CDLL(str(_build(Path(cache_dir) if cache_dir else default_cache_dir())))
+        lib = ctypes.CDLL(str(build(Path(cache_dir) if cache_dir else default_cache_dir())))
         f, i64 = ctypes.c_void_p, ctypes.c_long
         lib.lowrank.argtypes = [f, i64, f, f, i64, ctypes.c_float, i64, i64, ctypes.c_int, ctypes.c_int, f, f]
         lib.lowrank.restype = ctypes.c_int
@@ -94,7 +95,14 @@ def load(cache_dir: str | Path | None = None) -> ctypes.CDLL | None:
 
 
 def why() -> str:
+    """Why `load()` found no kernel ("" while it has not failed)."""
     return _why
+
+
+def forget() -> None:
+    """Forget what `load()` found: the next call tries again (after a change of PATH or cache, say)."""
+    global _lib, _why
+    _lib, _why = False, ""
 
 
 def _usable(width: int, *tensors: torch.Tensor) -> bool:
@@ -112,7 +120,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
 
 
-def _call(m, p, q, scale: float, width: int, proj, wgrad) -> None:
+def call_kernel(m, p, q, scale: float, width: int, proj, wgrad) -> None:
+    """One call of the C kernel on prepared operands (row-major, fp32, CPU; `width` = r, a multiple of 16):
+    writes scale * m @ p into `proj` and/or scale * m^T @ q into `wgrad` (either may be None)."""
     rc = _lib.lowrank(m.data_ptr(), m.stride(0), 0 if p is None else p.data_ptr(), 0 if q is None else q.data_ptr(),
                       0 if q is None else q.stride(0), scale, m.shape[0], m.shape[1], width // 16,
                       torch.get_num_threads(), 0 if proj is None else proj.data_ptr(),
@@ -129,7 +139,7 @@ def proj(m: torch.Tensor, p: torch.Tensor, scale: float = 1.0, kernel: bool = Tr
         return out if scale == 1.0 else out.mul_(scale)
     m, p = _rows(m), p.contiguous()
     out = m.new_empty(m.shape[0], p.shape[1])
-    _call(m, p, None, scale, p.shape[1], out, None)
+    call_kernel(m, p, None, scale, p.shape[1], out, None)
     return out
 
 
@@ -137,12 +147,12 @@ def wgrad(m: torch.Tensor, q: torch.Tensor, scale: float = 1.0, kernel: bool = T
     """scale * m^T @ q for m (T x n) and a narrow q (T x r): an (n x r) weight gradient summed over T."""
     if not (kernel and _usable(q.shape[1], m, q)):
         # Which operand BLAS takes transposed matters for these long-K products: measured (T=750, r=16,
-        # operands out of cache) 106 vs 67 GFLOP/s this way round for n >= 1024, the other (73 vs 63) for 512.
+        # operands out of cache) faster this way round for n >= 1024, the other way round for 512.
         out = m.t() @ q if m.shape[1] >= 1024 else (q.t() @ m).t()
         return out if scale == 1.0 else out.mul_(scale)
     m, q = _rows(m), _rows(q)
     out = m.new_empty(m.shape[1], q.shape[1])
-    _call(m, None, q, scale, q.shape[1], None, out)
+    call_kernel(m, None, q, scale, q.shape[1], None, out)
     return out
 
 
@@ -152,5 +162,5 @@ def proj_and_wgrad(m: torch.Tensor, p: torch.Tensor, q: torch.Tensor, scale: flo
         return proj(m, p, scale, kernel), wgrad(m, q, scale, kernel)
     m, p, q = _rows(m), p.contiguous(), _rows(q)
     a, b = m.new_empty(m.shape[0], p.shape[1]), m.new_empty(m.shape[1], q.shape[1])
-    _call(m, p, q, scale, p.shape[1], a, b)
+    call_kernel(m, p, q, scale, p.shape[1], a, b)
     return a, b
