@@ -1,7 +1,9 @@
-"""`llama-lora <command> [args] [hydra overrides]`: parse, call the command's run(), report errors.
+"""`llama-lora <command> [args] [hydra overrides]`: parse argv, build the config, call the command's run().
 
-Expected mistakes (LlamaLoraError) print one paragraph and exit 2; `--debug` or LLAMA_LORA_DEBUG=1
-shows the traceback too.
+This is the only module that reads argv. Each command is a plain function `run(cfg, ...)` in its own
+module; here each gets its flags parsed and its config built (config.load for a new configuration,
+runs.command_config for a saved run). Expected mistakes (LlamaLoraError) print one paragraph and exit 2;
+`--debug` or LLAMA_LORA_DEBUG=1 shows the traceback too.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 import textwrap
 
@@ -34,16 +37,133 @@ commands:
 Overrides are Hydra syntax: llama-lora train experiment=quickstart peft=dora peft.r=8
 Add --debug (or LLAMA_LORA_DEBUG=1) to see tracebacks."""
 
+# A Hydra override: an optional +/~ prefix, a dotted key (or group), '=' and a value. Anything else on
+# the command line (a prompt that happens to contain '=' after other words) is not one.
+_OVERRIDE = re.compile(r"^(\+\+|\+|~)?[A-Za-z_][\w.@/-]*=")
+
+
+def is_override(arg: str) -> bool:
+    return bool(_OVERRIDE.match(arg))
+
+
+def split_args(args: list[str], run_dir_shorthand: bool = True) -> tuple[list[str], list[str], str | None]:
+    """(argparse arguments, Hydra overrides, the `run_dir=PATH` shorthand for infer.run_dir or None)."""
+    run_dir = None
+    if run_dir_shorthand:
+        run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("run_dir=")), None)
+        args = [a for a in args if not a.startswith("run_dir=")]
+    overrides = [a for a in args if is_override(a)]
+    return [a for a in args if a not in overrides], overrides, run_dir
+
+
+def _command(name: str):
+    """The command's module, imported when used (the commands import cli only to run as `python -m`)."""
+    return importlib.import_module(COMMANDS[name][0])
+
+
+def _parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
+    module_doc = _command(name).__doc__ or ""
+    return argparse.ArgumentParser(prog=f"llama-lora {name}", description=doc or module_doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _run_dir_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("run_dir", nargs="?", help=f"{what} (default: infer.run_dir, else the latest finished run)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# One function per command: parse its flags, build its config, call run().
+
+
+def _plain(name: str, args: list[str]) -> object:
+    """train and validate: flags none, overrides on conf/config.yaml."""
+    from llama_lora.config.load import load_config
+
+    rest, overrides, _ = split_args(args, run_dir_shorthand=False)
+    _parser(name, COMMANDS[name][1]).parse_args(rest)
+    return _command(name).run(load_config(overrides))
+
+
+def _infer(args: list[str]) -> object:
+    from llama_lora import runs
+
+    rest, overrides, run_dir = split_args(args)
+    parser = _parser("infer")
+    parser.add_argument("prompt", nargs="?", help="the instruction; omit it for an interactive chat")
+    parser.add_argument("--input", default="", help="optional input/context for the instruction")
+    parser.add_argument("--input-file", help="JSONL of {instruction, input} or {prompt} records")
+    parser.add_argument("--output-file", help="where to write JSONL answers (default: stdout)")
+    parser.add_argument("--show-prompt", action="store_true", help="print each formatted prompt to stderr")
+    ns = parser.parse_args(rest)
+    if ns.prompt is not None and ns.input_file:
+        parser.error("give a prompt or --input-file, not both")
+    cfg = runs.command_config("infer", overrides, run_dir)
+    return _command("infer").run(cfg, prompt=ns.prompt, input_file=ns.input_file, output_file=ns.output_file,
+                                 show_prompt=ns.show_prompt, prompt_input=ns.input)
+
+
+def _on_saved_run(name: str, args: list[str]) -> object:
+    """eval and merge: `llama-lora <name> [RUN_DIR] [run_dir=...] [overrides]` on a saved run."""
+    from llama_lora import runs
+
+    rest, overrides, run_dir = split_args(args)
+    parser = _parser(name)
+    _run_dir_arg(parser, "run directory")
+    ns = parser.parse_args(rest)
+    return _command(name).run(runs.command_config(name, overrides, ns.run_dir or run_dir))
+
+
+def _baseline(args: list[str]) -> object:
+    from llama_lora import runs
+    from llama_lora.config.load import load_config
+
+    rest, overrides, run_dir = split_args(args)
+    parser = _parser("baseline")
+    _run_dir_arg(parser, "evaluate this run's base model with the run's settings")
+    ns = parser.parse_args(rest)
+    cfg = load_config(overrides)
+    target = ns.run_dir or run_dir or cfg.infer.run_dir
+    if target is not None:
+        cfg = runs.saved_config(runs.resolve(target, cfg.output_dir), overrides, "baseline")
+    return _command("baseline").run(cfg)
+
+
+def _experiment(args: list[str]) -> object:
+    experiment = _command("experiment")
+    rest, overrides, _ = split_args(args, run_dir_shorthand=False)
+    parser = _parser("experiment")
+    parser.add_argument("-m", "--multirun", action="store_true",
+                        help="expand sweep overrides (peft=lora,dora peft.r=4,8) into runs, or into the search "
+                             "space when experiment.search.n_trials > 0")
+    ns = parser.parse_args(rest)
+    summary = experiment.run(experiment.build_config(overrides, ns.multirun))
+    failed = [r for r in summary["runs"] if r["status"] == "failed"]
+    if failed:
+        others = "the others completed" if len(failed) < len(summary["runs"]) else "none completed"
+        raise LlamaLoraError(
+            f"{len(failed)} of {len(summary['runs'])} runs failed ({', '.join(r['run'] for r in failed)}); {others}. "
+            f"Each error is in {summary['dir']}/summary.md. Fix the cause and run the same command again: "
+            "finished runs are skipped, failed ones are retried."
+        )
+    return summary
+
+
+_PARSERS = {
+    "train": lambda a: _plain("train", a),
+    "validate": lambda a: _plain("validate", a),
+    "infer": _infer,
+    "eval": lambda a: _on_saved_run("eval", a),
+    "merge": lambda a: _on_saved_run("merge", a),
+    "baseline": _baseline,
+    "experiment": _experiment,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+
 
 def _usage() -> str:
     return USAGE.format(commands="\n".join(f"  {k:<11}{v[1]}" for k, v in COMMANDS.items()))
-
-
-def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
-    """Hydra overrides contain '=' and do not start with '-'; everything else is for argparse."""
-    overrides = [a for a in args if "=" in a and not a.startswith("-")]
-    rest = [a for a in args if a not in overrides]
-    return rest, overrides
 
 
 def setup_logging(debug: bool = False) -> None:
@@ -63,18 +183,6 @@ def setup_logging(debug: bool = False) -> None:
         pass
 
 
-def _run_command(name: str, args: list[str]) -> object:
-    module = importlib.import_module(COMMANDS[name][0])
-    if hasattr(module, "cli"):  # commands with their own flags (e.g. infer's prompt) parse them there
-        return module.cli(args)
-    rest, overrides = split_overrides(args)
-    parser = argparse.ArgumentParser(prog=f"llama-lora {name}", description=COMMANDS[name][1])
-    parser.parse_args(rest)
-    from llama_lora.config.load import load_config
-
-    return module.run(load_config(overrides))
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LLAMA_LORA_DEBUG", "") not in ("", "0")
@@ -88,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     setup_logging(debug)
     try:
-        _run_command(name, args)
+        _PARSERS[name](args)
     except LlamaLoraError as e:
         if debug:
             logging.getLogger("llama_lora").exception("details")

@@ -14,13 +14,9 @@ ones (train resumes those from their newest checkpoint).
 
 from __future__ import annotations
 
-import argparse
-import csv
 import gc
-import io
 import itertools
 import logging
-import math
 import os
 import signal
 import sys
@@ -28,30 +24,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_module
-from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
-from rich.console import Console
-from rich.table import Table
 
 from llama_lora import artifacts
 from llama_lora.artifacts import RunDir
-from llama_lora.config.load import _hydra_message, compose_dict, load_config_file, validate
+from llama_lora.config.load import compose_dict, from_dict, load_config, load_config_file, parse_overrides
 from llama_lora.config.schema import Config, SearchRange
 from llama_lora.errors import LlamaLoraError
+from llama_lora.report import COLUMNS, LOWER_IS_BETTER, run_name, summarize, write_tables
 
 log = logging.getLogger("llama_lora.experiment")
 
-# Config groups a run may switch (peft=dora); the preset itself (experiment=...) is fixed per experiment.
-GROUPS = ("model", "data", "peft", "training")
 # Fields that say how to run or report the experiment, not how a run trains: changing them never
 # makes a finished run stale.
 NOT_TRAINING = ("overwrite", "runs", "experiment", "eval", "infer")
-COLUMNS = ("run", "status", "overrides", "train_loss", "eval_loss", "exact_match", "trainable_params",
-           "tokens_per_second", "peak_memory_mb", "wall_time_s", "error", "run_dir")
-LOWER_IS_BETTER = {"eval_loss": True, "exact_match": False}
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -131,15 +116,8 @@ def run_one(base: Config, exp_dir: Path, name: str, overrides: list[str], rows: 
 
 
 def compose_run(base: Config, overrides: list[str]) -> Config:
-    """`base` with a run's Hydra overrides on top, groups included (peft=dora merges conf/peft/dora.yaml).
-
-    The base config is registered as a primary config whose defaults list is just [_self_]; a group
-    override becomes an addition to that list (+peft=dora), so the group's YAML lands on top of the
-    base exactly as it lands on top of the schema defaults in a normal composition.
-    """
-    parsed = _parse(overrides)
-    hydra_overrides = []
-    for o in parsed:
+    """`base` with a run's Hydra overrides on top, groups included (peft=dora merges conf/peft/dora.yaml)."""
+    for o in parse_overrides(overrides):
         key = o.key_or_group
         if o.is_sweep_override():
             raise LlamaLoraError(f"The run override '{o.input_line}' is a sweep; a run takes single values "
@@ -147,33 +125,16 @@ def compose_run(base: Config, overrides: list[str]) -> Config:
         if key == "experiment" or key.startswith("experiment/"):
             raise LlamaLoraError(f"The run override '{o.input_line}' selects a preset; a run can only change "
                                  "fields and the groups model=, data=, peft=, training=.")
-        is_group = key in GROUPS and o.package is None
-        hydra_overrides.append(f"+{o.input_line}" if is_group and not o.input_line.startswith(("+", "~")) else
-                               o.input_line)
-    node = base.model_dump(mode="json") | {"runs": {}}
-    ConfigStore.instance().store(name="_experiment_run", node={"defaults": ["_self_"], **node})
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module="llama_lora.conf", version_base=None):
-            composed = compose(config_name="_experiment_run", overrides=hydra_overrides)
-    except Exception as e:  # Hydra raises several exception types for bad overrides
-        raise LlamaLoraError(f"Could not apply the overrides {overrides}: {_hydra_message(e)}") from e
-    finally:
-        GlobalHydra.instance().clear()
-    return validate(OmegaConf.to_container(composed, resolve=True))
-
-
-def _parse(overrides: list[str]):
-    try:
-        return OverridesParser.create().parse_overrides(list(overrides))
-    except Exception as e:
-        raise LlamaLoraError(f"Could not parse the overrides {list(overrides)}: {_hydra_message(e)}") from e
+    return load_config(overrides, base=base.model_dump(mode="json") | {"runs": {}})
 
 
 def _check_same_config(run_dir: RunDir, cfg: Config) -> None:
     """A finished run is reused only if it was trained with this very configuration."""
     old = _flatten(_training_part(load_config_file(run_dir.config).model_dump(mode="json")))
     new = _flatten(_training_part(cfg.model_dump(mode="json")))
+    if cfg.training.auto_batch_size:  # config.yaml records the split the planner chose, not the configured one
+        for key in ("training.micro_batch_size", "training.gradient_accumulation_steps"):
+            old.pop(key, None), new.pop(key, None)
     diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(old.keys() | new.keys())
             if old.get(k) != new.get(k)]
     if diff:
@@ -293,7 +254,7 @@ def _search(cfg: Config, exp_dir: Path, rows: list[dict[str, Any]]) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our log lines already narrate each trial
     sc = cfg.experiment.search
     metric = _search_metric(cfg)
-    distributions = {key: _distribution(space) for key, space in sc.space.items()}
+    distributions = {key: distribution(space) for key, space in sc.space.items()}
     state_file = exp_dir / "search.json"
     trials = artifacts.read_json(state_file)["trials"] if state_file.is_file() else []
     # A continued search must not replay the fresh sampler's first draws: offset the seed by the trials done.
@@ -351,16 +312,16 @@ def _search_metric(cfg: Config) -> str:
         return metric
     if cfg.experiment.evaluate:
         try:
-            from llama_lora.eval import test_split
+            from llama_lora.scoring import held_out_split
 
-            if "task" in test_split(cfg).column_names:
+            if "task" in held_out_split(cfg).column_names:
                 return "exact_match"
         except Exception as e:  # noqa: BLE001 - the runs will report a data problem themselves
             log.warning("Could not inspect the test split (%s); optimising eval_loss", _one_line(e))
     return "eval_loss"
 
 
-def _distribution(space: list | SearchRange):
+def distribution(space: list | SearchRange):
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     if isinstance(space, list):
@@ -392,190 +353,6 @@ def _override_value(v: Any) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The summary: table, files, plots.
-
-
-def best_run(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
-    scored = [r for r in rows if r["status"] in ("finished", "skipped") and _number(r.get(metric)) is not None]
-    if not scored:
-        return None
-    # Ties (e.g. every run at 0% exact match early on) go to the lower eval loss.
-    sign = 1 if LOWER_IS_BETTER[metric] else -1
-    return min(scored, key=lambda r: (sign * r[metric], _number(r.get("eval_loss")) or math.inf))
-
-
-def resolve_metric(cfg: Config, rows: list[dict[str, Any]]) -> str:
-    if cfg.experiment.metric != "auto":
-        return cfg.experiment.metric
-    return "exact_match" if any(r.get("exact_match") is not None for r in rows) else "eval_loss"
-
-
-def write_tables(exp_dir: Path, rows: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
-    """summary.json / .csv / .md (atomically: a reader never sees half a file)."""
-    metric = resolve_metric(cfg, rows)
-    best = best_run(rows, metric)
-    summary = {
-        "experiment": exp_dir.name, "dir": str(exp_dir), "metric": metric,
-        "direction": "minimize" if LOWER_IS_BETTER[metric] else "maximize",
-        "best": best["run"] if best else None,
-        "mode": "search" if cfg.experiment.search.n_trials else "grid",
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": rows,
-    }
-    artifacts.write_json(exp_dir / "summary.json", summary)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows({k: "" if r.get(k) is None else r[k] for k in COLUMNS} for r in rows)
-    artifacts.write_text(exp_dir / "summary.csv", buf.getvalue())
-    artifacts.write_text(exp_dir / "summary.md", to_markdown(summary))
-    return summary
-
-
-def summarize(exp_dir: Path, rows: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
-    summary = write_tables(exp_dir, rows, cfg)
-    summary["plots"] = plot(exp_dir, rows, summary["metric"])
-    print_table(summary)
-    failed = [r["run"] for r in rows if r["status"] == "failed"]
-    log.info("Experiment %s: %d runs, %d failed%s; summary in %s", exp_dir.name, len(rows), len(failed),
-             f" ({', '.join(failed)})" if failed else "", exp_dir)
-    return summary
-
-
-_HEADERS = {"run": "run", "status": "status", "overrides": "overrides", "train_loss": "train loss",
-            "eval_loss": "eval loss", "exact_match": "exact match", "trainable_params": "trainable",
-            "tokens_per_second": "tokens/s", "peak_memory_mb": "peak MB", "wall_time_s": "wall s", "error": "error"}
-
-
-def _cell(key: str, v: Any) -> str:
-    if v is None or v == "":
-        return "" if key == "error" else "-"
-    if key in ("train_loss", "eval_loss"):
-        return f"{v:.4f}"
-    if key == "exact_match":
-        return f"{100 * v:.1f}%"
-    if key == "trainable_params":
-        return f"{v:,}"
-    if key in ("tokens_per_second", "peak_memory_mb", "wall_time_s"):
-        return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
-    return str(v)
-
-
-def print_table(summary: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console(width=max(Console().width, 140))
-    table = Table(title=f"Experiment {summary['experiment']}: {len(summary['runs'])} runs "
-                        f"({summary['metric']}, best marked *)")
-    # A sweep names each run after its overrides: the overrides column would only repeat the name.
-    keys = [k for k in _HEADERS if k != "overrides" or any(
-        _run_name(tuple(r["overrides"].split())) != r["run"] for r in summary["runs"])]
-    for key in keys:
-        numeric = key not in ("run", "status", "overrides", "error")
-        table.add_column(_HEADERS[key], justify="right" if numeric else "left", overflow="fold",
-                         no_wrap=numeric or key in ("run", "status"), ratio=2 if key == "error" else None)
-    for r in summary["runs"]:
-        style = {"failed": "red", "interrupted": "yellow", "skipped": "dim"}.get(r["status"])
-        cells = [_cell(k, r.get(k)) for k in keys]
-        cells[0] += " *" if r["run"] == summary["best"] else ""
-        table.add_row(*cells, style=style)
-    console.print(table)
-    console.print(f"Summary and plots in {summary['dir']}")
-
-
-def to_markdown(summary: dict[str, Any]) -> str:
-    def esc(s: str) -> str:
-        return s.replace("|", "\\|").replace("\n", " ")
-
-    lines = [f"# Experiment {summary['experiment']}", "",
-             f"Compared metric: **{summary['metric']}** ({summary['direction']}); best run: "
-             f"**{summary['best'] or '-'}**.", "",
-             "| " + " | ".join(_HEADERS.values()) + " |",
-             "|" + "|".join("---:" if k not in ("run", "status", "overrides", "error") else "---" for k in _HEADERS) + "|"]
-    for r in summary["runs"]:
-        lines.append("| " + " | ".join(esc(_cell(k, r.get(k))) for k in _HEADERS) + " |")
-    lines += ["", "![eval loss](eval_loss.png)", "", f"![{summary['metric']}](metric.png)", ""]
-    return "\n".join(lines)
-
-
-def _number(v: Any) -> float | None:
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
-def eval_loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
-    """(steps, eval losses) from the run's TensorBoard events; from metrics.json (before/after) without them."""
-    tb = run_dir / "tensorboard"
-    if tb.is_dir():
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        logging.getLogger("tensorboard").setLevel(logging.WARNING)  # "No path found after ..." per file
-        acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})  # 0 = keep every point
-        acc.Reload()
-        if "eval/loss" in acc.Tags().get("scalars", []):
-            events = {e.step: e.value for e in acc.Scalars("eval/loss")}  # a resumed run may repeat a step
-            return sorted(events), [events[s] for s in sorted(events)]
-    m = RunDir(run_dir).metrics
-    if m.is_file():
-        data = artifacts.read_json(m)
-        if data.get("eval_loss") is not None:
-            return [0, data["steps"]], [data["eval_loss_before"], data["eval_loss"]]
-    return [], []
-
-
-def plot(exp_dir: Path, rows: list[dict[str, Any]], metric: str) -> dict[str, str]:
-    """eval_loss.png (every finished run's curve) and metric.png (bars); plot_data.json holds the numbers."""
-    _require("matplotlib", "the experiment plots")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # headless: no display, no pyplot state
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    done = [r for r in rows if r["status"] in ("finished", "skipped")]
-    curves = {}
-    for r in done:
-        steps, values = eval_loss_curve(Path(r["run_dir"]))
-        if steps:
-            curves[r["run"]] = {"steps": steps, "values": values}
-    bars = {r["run"]: r[metric] for r in done if _number(r.get(metric)) is not None}
-
-    fig = Figure(figsize=(8, 5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for name, c in curves.items():
-        ax.plot(c["steps"], c["values"], marker="o", markersize=3, label=name)
-    ax.set(xlabel="optimizer step", ylabel="eval loss", title=f"{exp_dir.name}: eval loss")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(fontsize="small")
-    _save_png(fig, exp_dir / "eval_loss.png")
-
-    fig = Figure(figsize=(max(6, 1.1 * len(bars) + 2), 5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    names = list(bars)
-    values = [100 * bars[n] if metric == "exact_match" else bars[n] for n in names]
-    best = best_run(done, metric)
-    colors = ["tab:green" if best and n == best["run"] else "tab:blue" for n in names]
-    ax.bar(range(len(names)), values, color=colors)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize="small")
-    label = "exact match (%), higher is better" if metric == "exact_match" else "eval loss, lower is better"
-    if metric == "exact_match":
-        ax.set_ylim(0, 105)
-    ax.set(ylabel=label, title=f"{exp_dir.name}: final {metric.replace('_', ' ')} per run")
-    for i, v in enumerate(values):
-        ax.annotate(f"{v:.1f}" if metric == "exact_match" else f"{v:.3f}", (i, v), ha="center", va="bottom",
-                    fontsize="small")
-    _save_png(fig, exp_dir / "metric.png")
-
-    artifacts.write_json(exp_dir / "plot_data.json", {"eval_loss": curves, "metric": {"name": metric, "values": bars}})
-    return {"eval_loss": str(exp_dir / "eval_loss.png"), "metric": str(exp_dir / "metric.png"),
-            "data": str(exp_dir / "plot_data.json")}
-
-
-def _save_png(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------
 # The command line: -m turns sweep syntax (a,b / range() / interval()) into runs or a search space.
 
 
@@ -588,12 +365,7 @@ def sweep_runs(sweeps: list) -> dict[str, list[str]]:
                                  "experiment.search.n_trials=N to sample N runs from it with Optuna.")
         key = o.get_key_element()
         axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
-    return {_run_name(combo): list(combo) for combo in itertools.product(*axes)}
-
-
-def _run_name(overrides: tuple[str, ...]) -> str:
-    name = ",".join(o.lstrip("+~") for o in overrides)
-    return "".join(c if c.isalnum() or c in "=,.-_+" else "_" for c in name)[:200] or "run"
+    return {run_name(combo): list(combo) for combo in itertools.product(*axes)}
 
 
 def sweep_space(sweeps: list) -> dict[str, Any]:
@@ -608,44 +380,27 @@ def sweep_space(sweeps: list) -> dict[str, Any]:
     return space
 
 
-def cli(args: list[str]) -> dict[str, Any]:
-    from llama_lora.cli import split_overrides
-
-    parser = argparse.ArgumentParser(prog="llama-lora experiment", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:5]))
-    parser.add_argument("-m", "--multirun", action="store_true",
-                        help="expand sweep overrides (peft=lora,dora peft.r=4,8) into runs, or into the search "
-                             "space when experiment.search.n_trials > 0")
-    rest, overrides = split_overrides(args)
-    ns = parser.parse_args(rest)
-    parsed = _parse(overrides)
+def build_config(overrides: list[str], multirun: bool = False) -> Config:
+    """The experiment's config from command-line overrides: with `multirun`, sweep overrides become runs
+    (one per combination, times the preset's runs) or, with experiment.search.n_trials, the search space."""
+    parsed = parse_overrides(overrides)
     sweeps = [o for o in parsed if o.is_sweep_override()]
-    if sweeps and not ns.multirun:
+    if sweeps and not multirun:
         raise LlamaLoraError(f"{[o.input_line for o in sweeps]} sweep over several values: add -m "
                              "(llama-lora experiment -m ...) to run one configuration per combination.")
     data = compose_dict([o.input_line for o in parsed if not o.is_sweep_override()])
     search = data["experiment"]["search"]
     if sweeps and search["n_trials"]:  # before validation, which wants a space when n_trials > 0
         search["space"] = (search["space"] or {}) | sweep_space(sweeps)
-    cfg = validate(data)
-    if ns.multirun and not sweeps and not cfg.runs and not cfg.experiment.search.n_trials:
+    cfg = from_dict(data)
+    if multirun and not sweeps and not cfg.runs and not cfg.experiment.search.n_trials:
         cfg.runs = {"base": []}  # as in Hydra, a multirun without sweep values is one run
     if sweeps and not cfg.experiment.search.n_trials:
         grid = sweep_runs(sweeps)
         # With a preset's runs too: every preset run x every sweep combination.
         cfg.runs = ({f"{p},{s}": po + so for p, po in cfg.runs.items() for s, so in grid.items()}
                     if cfg.runs else grid)
-    summary = run(cfg)
-    failed = [r for r in summary["runs"] if r["status"] == "failed"]
-    if failed:
-        others = "the others completed" if len(failed) < len(summary["runs"]) else "none completed"
-        raise LlamaLoraError(
-            f"{len(failed)} of {len(summary['runs'])} runs failed ({', '.join(r['run'] for r in failed)}); {others}. "
-            f"Each error is in {summary['dir']}/summary.md. Fix the cause and run the same command again: "
-            "finished runs are skipped, failed ones are retried."
-        )
-    return summary
+    return cfg
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ formatted with the run's saved prompt.json and tokenizer, so inference formats e
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -20,13 +19,11 @@ from typing import TextIO
 import torch
 from transformers import TextStreamer
 
-from llama_lora import artifacts
+from llama_lora import artifacts, runs
 from llama_lora.config.schema import Config
 from llama_lora.errors import LlamaLoraError
-from llama_lora.generation import (
-    Loaded, cli_config, generate, generate_batched, generation_config, is_override, load_for_inference,
-    split_run_dir_arg,
-)
+from llama_lora.generation import generate, generate_batched, generation_config
+from llama_lora.runs import Loaded
 
 log = logging.getLogger("llama_lora.infer")
 
@@ -35,7 +32,7 @@ def run(cfg: Config, prompt: str | None = None, input_file: str | None = None, o
         show_prompt: bool = False, stdin: TextIO | None = None, stdout: TextIO | None = None, prompt_input: str = ""):
     """One prompt -> its answer; an input file -> list of records; neither -> interactive chat."""
     stdout = stdout or sys.stdout
-    loaded = load_for_inference(cfg)
+    loaded = runs.load(cfg)
     torch.manual_seed(cfg.training.seed)  # reproducible sampling
     if input_file is not None:
         return answer_file(loaded, cfg, Path(input_file), Path(output_file) if output_file else None, stdout)
@@ -153,24 +150,6 @@ def answer_file(loaded: Loaded, cfg: Config, input_file: Path, output_file: Path
         artifacts.write_text(output_file, text)
         log.info("Wrote %d answers to %s", len(out), output_file)
     return out
-
-
-def cli(args: list[str]) -> object:
-    rest, run_dir = split_run_dir_arg(args)
-    overrides = [a for a in rest if is_override(a)]
-    parser = argparse.ArgumentParser(prog="llama-lora infer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("prompt", nargs="?", help="the instruction; omit it for an interactive chat")
-    parser.add_argument("--input", default="", help="optional input/context for the instruction")
-    parser.add_argument("--input-file", help="JSONL of {instruction, input} or {prompt} records")
-    parser.add_argument("--output-file", help="where to write JSONL answers (default: stdout)")
-    parser.add_argument("--show-prompt", action="store_true", help="print each formatted prompt to stderr")
-    ns = parser.parse_args([a for a in rest if a not in overrides])
-    if ns.prompt is not None and ns.input_file:
-        parser.error("give a prompt or --input-file, not both")
-    cfg = cli_config(overrides, run_dir)
-    return run(cfg, prompt=ns.prompt, input_file=ns.input_file, output_file=ns.output_file,
-               show_prompt=ns.show_prompt, prompt_input=ns.input)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from llama_lora import artifacts, model as model_lib
+from llama_lora import artifacts, model as model_lib, runs
 from llama_lora.artifacts import RunDir
 from llama_lora.config.schema import Config
 from llama_lora.errors import LlamaLoraError
-from llama_lora.generation import (
-    base_model_of, inference_runtime, is_run_dir, load_adapter, read_prompt_format, resolve_target, run_dir_cli,
-    with_dtype,
-)
 
 log = logging.getLogger("llama_lora.merge")
 
@@ -62,18 +58,15 @@ def sample_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def run(cfg: Config) -> Path:
     t0 = time.time()
-    target = resolve_target(cfg.infer.run_dir, cfg.output_dir)
-    if not is_run_dir(target):
+    target = runs.resolve(cfg.infer.run_dir, cfg.output_dir)
+    if not runs.is_run_dir(target):
         raise LlamaLoraError(f"{target} has no adapter to merge (it is already a standalone model). "
                              "Give merge a run directory with adapter/.")
     run_dir = RunDir(target)
-    base = base_model_of(target, cfg)
-    dtype = base_dtype(base, cfg)
-    runtime = with_dtype(inference_runtime(cfg), dtype)
-    tokenizer = model_lib.load_tokenizer(str(run_dir.tokenizer) if run_dir.tokenizer.is_dir() else base, cfg.model)
-    fmt = read_prompt_format(target, cfg, tokenizer)
-
-    model = load_adapter(model_lib.load_model(base, cfg.model, runtime, training=False), run_dir.adapter).eval()
+    dtype = base_dtype(runs.base_model_of(target, cfg), cfg)
+    runtime = runs.inference_runtime(cfg, dtype)  # merged in the base checkpoint's own dtype
+    loaded = runs.load(cfg, runtime=runtime)
+    model, tokenizer, fmt, base = loaded.model, loaded.tokenizer, loaded.fmt, loaded.base_model
     tokenizer.padding_side = "right"
     texts = [fmt.prompt(tokenizer, i, x) for i, x in SAMPLE_PROMPTS]
     batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
@@ -144,9 +137,6 @@ def _failure(report: dict, tied_head: bool) -> str:
     )
     return f"Merge verification failed: {why}. Nothing was written.{hint}"
 
-
-def cli(args: list[str]) -> Path:
-    return run(run_dir_cli("merge", __doc__, args))
 
 if __name__ == "__main__":
     from llama_lora.cli import main

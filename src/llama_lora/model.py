@@ -10,12 +10,16 @@ import platform
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_lora.config.schema import EMBEDDED, ModelConfig, TrainingConfig
 from llama_lora.errors import LlamaLoraError
+
+if TYPE_CHECKING:
+    from llama_lora.lean import LeanPolicy
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,9 @@ class Runtime:
     tf32: bool
     keep_freed_memory: bool = False  # CPU + glibc: see apply_process_settings
     reason: str = field(default="", compare=False)
+    # The lean LoRA/DoRA step, decided once for the run (llama_lora.lean.decide; needs the adapter config
+    # and whether the model is sharded, so train.py sets it with dataclasses.replace); None: not decided.
+    lean: "LeanPolicy | None" = None
 
 
 def choose_runtime(training: TrainingConfig, model: ModelConfig, caps: Capabilities) -> Runtime:
@@ -177,8 +184,8 @@ def apply_process_settings(runtime: Runtime) -> None:
     PyTorch's CPU allocator has no cache of its own: every large tensor (logits, activations, their
     gradients) is a fresh mmap whose pages the kernel zero-fills on first touch, and the freed block goes
     straight back to the OS. Telling glibc never to mmap and never to trim keeps those pages in the heap
-    for the next micro-batch. Measured on the 40M benchmark model, 2 threads (benchmarks/README.md): LoRA
-    step 15% faster, the frozen floor 8% faster, peak RSS +5%. LLAMA_LORA_MALLOC=system turns it off.
+    for the next micro-batch: faster steps for a little more peak RSS (benchmarks/README.md, range S18).
+    LLAMA_LORA_MALLOC=system turns it off.
     """
     if runtime.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -19,7 +19,7 @@ from PIL import Image
 from llama_lora import experiment
 from llama_lora.config.load import load_config, load_config_file
 from llama_lora.errors import LlamaLoraError
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +76,16 @@ def test_shipped_presets_compose_every_run(preset):
         assert f"peft.r={cfg.peft.r}" in overrides and name.startswith(cfg.peft.method)
     space = base.experiment.search.space
     assert bool(base.runs) != bool(base.experiment.search.n_trials)  # a grid or a search
-    assert all(experiment._distribution(v) for v in space.values())  # a valid Optuna space
+    assert all(experiment.distribution(v) for v in space.values())  # a valid Optuna space
 
 
-def test_cli_refuses_a_sweep_without_m_and_an_empty_experiment():
+def test_refuses_a_sweep_without_m_and_an_empty_experiment():
     with pytest.raises(LlamaLoraError, match="add -m"):
-        experiment.cli(["peft.r=4,8"])
+        experiment.build_config(["peft.r=4,8"])
     with pytest.raises(LlamaLoraError, match="has no runs"):
-        experiment.cli([])
+        experiment.run(experiment.build_config([]))
     with pytest.raises(LlamaLoraError, match="needs a search"):
-        experiment.cli(["-m", "training.learning_rate=interval(1e-4,1e-2)"])
+        experiment.build_config(["training.learning_rate=interval(1e-4,1e-2)"], multirun=True)
 
 
 # ---- slow: real runs
@@ -190,11 +190,11 @@ def test_sweep_with_broken_runs_finishes_the_others(tmp_path, tiny_base, small_d
 @pytest.mark.slow
 def test_optuna_search_runs_trials_and_continues(tmp_path, tiny_base, small_data):
     # -m with a search budget: the sweep values become the search space (categorical; log-scale interval)
-    args = ["-m", "peft.r=2,4", "training.learning_rate=tag(log,interval(1e-3,1e-2))",
+    args = ["peft.r=2,4", "training.learning_rate=tag(log,interval(1e-3,1e-2))",
             *tiny_overrides(tiny_base, small_data, tmp_path), "training.max_steps=2", "experiment.name=search",
             "experiment.evaluate=false", "experiment.search.n_trials=2", "experiment.search.sampler=random"]
     with contextlib.redirect_stdout(io.StringIO()):
-        summary = experiment.cli(args)
+        summary = experiment.run(experiment.build_config(args, multirun=True))
     exp_dir = tmp_path / "search"
     trials = json.loads((exp_dir / "search.json").read_text())["trials"]
     assert [t["run"] for t in trials] == ["trial-000", "trial-001"]
@@ -210,7 +210,7 @@ def test_optuna_search_runs_trials_and_continues(tmp_path, tiny_base, small_data
     # A bigger budget later: the two finished trials are skipped, one new trial runs.
     mtime = os.stat(exp_dir / "trial-000" / "metrics.json").st_mtime_ns
     with contextlib.redirect_stdout(io.StringIO()):
-        summary = experiment.cli([*args, "experiment.search.n_trials=3"])
+        summary = experiment.run(experiment.build_config([*args, "experiment.search.n_trials=3"], multirun=True))
     assert [r["status"] for r in summary["runs"]] == ["skipped", "skipped", "finished"]
     assert os.stat(exp_dir / "trial-000" / "metrics.json").st_mtime_ns == mtime
     assert len(json.loads((exp_dir / "search.json").read_text())["trials"]) == 3

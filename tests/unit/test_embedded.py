@@ -132,8 +132,10 @@ def test_write_jsonl(tmp_path):
 
 
 def test_exact_match():
-    assert data.exact_match(" HELLO\n", "HELLO")
-    assert not data.exact_match("HELL", "HELLO")
+    from llama_lora.scoring import exact_match
+
+    assert exact_match(" HELLO\n", "HELLO")
+    assert not exact_match("HELL", "HELLO")
 
 
 def test_to_messages():

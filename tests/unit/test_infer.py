@@ -1,5 +1,6 @@
-"""Generation helpers behind infer/eval: run lookup, config overrides, prompt formatting with history,
-stop tokens, and left-padded batches that answer exactly like single prompts."""
+"""Loading a run (runs.py) and generating from it (generation.py) for infer/eval: run lookup, config
+overrides on a saved run, prompt formatting with history, stop tokens, and left-padded batches that
+answer exactly like single prompts."""
 
 from __future__ import annotations
 
@@ -8,14 +9,12 @@ import json
 
 import pytest
 
-from llama_lora import infer
+from llama_lora import infer, runs
+from llama_lora.cli import is_override
 from llama_lora.data import PromptFormat
 from llama_lora.errors import LlamaLoraError
-from llama_lora.generation import (
-    config_for, generate, generate_batched, generation_config, is_override, load_for_inference, resolve_target,
-    stop_token_ids,
-)
-from tests.unit._fake_run import make_run
+from llama_lora.generation import generate, generate_batched, generation_config, stop_token_ids
+from tests.helpers import make_run
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +24,7 @@ def fake_run(tmp_path_factory, tiny_base):
 
 @pytest.fixture(scope="module")
 def loaded(fake_run):
-    return load_for_inference(config_for(fake_run, []))
+    return runs.load(runs.saved_config(fake_run, [], "infer"))
 
 
 def test_override_detection():
@@ -33,26 +32,61 @@ def test_override_detection():
     assert not is_override("What is 2 + 2 = ?") and not is_override("--input-file=x") and not is_override("hello")
 
 
-def test_config_for_applies_overrides_on_the_saved_config(fake_run):
-    cfg = config_for(fake_run, ["infer.max_new_tokens=7", "infer.do_sample=true"])
+def test_saved_config_applies_overrides_on_the_saved_config(fake_run):
+    cfg = runs.saved_config(fake_run, ["infer.max_new_tokens=7", "infer.do_sample=true"], "infer")
     assert cfg.infer.max_new_tokens == 7 and cfg.infer.do_sample is True
     assert cfg.peft.target_modules == ["q_proj", "v_proj", "down_proj"]  # from the run, not the defaults
     assert cfg.infer.run_dir == str(fake_run)
     with pytest.raises(LlamaLoraError, match="select config groups"):
-        config_for(fake_run, ["peft=dora"])
+        runs.saved_config(fake_run, ["peft=dora"], "infer")
     with pytest.raises(LlamaLoraError, match="infer.max_new_tokens"):
-        config_for(fake_run, ["infer.max_new_tokens=0"])
+        runs.saved_config(fake_run, ["infer.max_new_tokens=0"], "infer")
+
+
+@pytest.mark.parametrize("command, override", [
+    ("infer", "peft.r=4"), ("infer", "training.learning_rate=1e-3"), ("infer", "data.max_eval_examples=5"),
+    ("eval", "peft.dropout=0.1"), ("eval", "model.name_or_path=other"), ("merge", "infer.max_new_tokens=5"),
+    ("baseline", "training.max_steps=3"),
+])
+def test_override_that_cannot_apply_to_a_saved_run_is_an_error(fake_run, command, override):
+    """An override the saved run would silently ignore (the adapter is trained already) is refused,
+    naming it and what the command does accept."""
+    with pytest.raises(LlamaLoraError) as e:
+        runs.saved_config(fake_run, [override], command)
+    msg = str(e.value)
+    assert override in msg and "cannot apply to the saved run" in msg and f"`{command}` accepts" in msg
+
+
+@pytest.mark.parametrize("command, override, field", [
+    ("infer", "infer.max_new_tokens=5", "infer.max_new_tokens"), ("infer", "training.device=cpu", "training.device"),
+    ("eval", "data.max_eval_examples=5", "data.max_eval_examples"), ("eval", "eval.num_samples=1", "eval.num_samples"),
+    ("merge", "model.dtype=float32", "model.dtype"), ("baseline", "eval.max_new_tokens=3", "eval.max_new_tokens"),
+])
+def test_overrides_that_apply_to_a_saved_run_are_taken(fake_run, command, override, field):
+    cfg = runs.saved_config(fake_run, [override], command)
+    section, name = field.split(".")
+    assert str(getattr(getattr(cfg, section), name)) == override.split("=", 1)[1]
+
+
+def test_cli_refuses_a_meaningless_override_with_one_paragraph(fake_run, capsys):
+    """`llama-lora infer peft.r=4` used to be accepted and do nothing: now exit 2, no traceback."""
+    from llama_lora.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["infer", "hello", f"run_dir={fake_run}", "peft.r=4"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "peft.r=4" in err and "Traceback" not in err
 
 
 def test_resolve_target(fake_run, tmp_path):
-    assert resolve_target(str(fake_run / "adapter"), "unused") == fake_run  # the adapter folder works too
-    assert resolve_target(None, str(fake_run.parent)) == fake_run  # latest finished run
+    assert runs.resolve(str(fake_run / "adapter"), "unused") == fake_run  # the adapter folder works too
+    assert runs.resolve(None, str(fake_run.parent)) == fake_run  # latest finished run
     with pytest.raises(LlamaLoraError, match="does not exist"):
-        resolve_target(str(tmp_path / "nope"), "outputs")
+        runs.resolve(str(tmp_path / "nope"), "outputs")
     with pytest.raises(LlamaLoraError, match="neither a llama-lora run directory"):
-        resolve_target(str(tmp_path), "outputs")
+        runs.resolve(str(tmp_path), "outputs")
     with pytest.raises(LlamaLoraError, match="No finished run"):
-        resolve_target(None, str(tmp_path))
+        runs.resolve(None, str(tmp_path))
 
 
 def test_stop_tokens_cover_llama3_end_tokens(loaded):
@@ -83,7 +117,7 @@ def test_chat_history_and_alpaca_history(loaded):
 
 
 def test_chat_reads_turns_until_exit(loaded, fake_run):
-    cfg = config_for(fake_run, ["infer.max_new_tokens=4"])
+    cfg = runs.saved_config(fake_run, ["infer.max_new_tokens=4"], "infer")
     out = io.StringIO()
     history = infer.chat(loaded, cfg, io.StringIO("hello\n\nsecond turn\n/exit\nnever read\n"), out)
     assert [m["content"] for m in history if m["role"] == "user"] == ["hello", "second turn"]

@@ -1,4 +1,11 @@
-"""Hydra compose -> plain dict -> Pydantic validation, with errors a user can act on."""
+"""The one way to build a config: Hydra composes a base plus overrides, Pydantic validates the result.
+
+`load_config(overrides)` starts from conf/config.yaml (the schema's defaults plus the YAML groups);
+`load_config(overrides, base=cfg)` starts from an existing config instead (an experiment's base, a
+saved run's config.yaml), with the same override syntax: a group override (`peft=dora`) merges that
+group's YAML on top of the base, as it merges on top of the defaults in a normal composition.
+Every command builds its config here; errors name the field, the value and what is allowed.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import yaml
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from pydantic import ValidationError
 
@@ -19,19 +27,49 @@ from llama_lora.errors import LlamaLoraError
 # and an override of a key the schema lacks fails in Hydra's struct mode.
 ConfigStore.instance().store(name="schema_defaults", node=Config().model_dump())
 
+# Config groups (conf/<group>/*.yaml). On top of a base config a group override is an addition to the
+# base's defaults list (`+peft=dora`), so the group's YAML lands on top of the base.
+GROUPS = ("model", "data", "peft", "training", "experiment")
+_BASE_NODE = "_llama_lora_base"
 
-def compose_dict(overrides: list[str] | None = None) -> dict[str, Any]:
-    """Compose conf/config.yaml with Hydra overrides; return a plain dict (not yet validated)."""
+
+def load_config(overrides: list[str] | None = None, base: Config | dict | None = None) -> Config:
+    """Compose and validate: conf/config.yaml (or `base`) with Hydra overrides on top."""
+    return from_dict(compose_dict(overrides, base))
+
+
+def compose_dict(overrides: list[str] | None = None, base: Config | dict | None = None) -> dict[str, Any]:
+    """`load_config` before validation: a plain dict (experiment edits it before validating)."""
+    overrides = list(overrides or [])
+    if base is None:
+        config_name, hydra_overrides = "config", overrides
+    else:
+        node = base.model_dump(mode="json") if isinstance(base, Config) else dict(base)
+        ConfigStore.instance().store(name=_BASE_NODE, node={"defaults": ["_self_"], **node})
+        config_name = _BASE_NODE
+        hydra_overrides = [f"+{o.input_line}" if o.key_or_group in GROUPS and o.package is None
+                           and not o.input_line.startswith(("+", "~")) else o.input_line
+                           for o in parse_overrides(overrides)]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="llama_lora.conf", version_base=None):
-            cfg = compose(config_name="config", overrides=list(overrides or []))
+            cfg = compose(config_name=config_name, overrides=hydra_overrides)
     except Exception as e:  # Hydra raises several exception types for bad overrides
-        raise LlamaLoraError(f"Could not apply the overrides {list(overrides or [])}: {_hydra_message(e)}") from e
+        raise LlamaLoraError(f"Could not apply the overrides {overrides}: {hydra_message(e)}") from e
+    finally:
+        GlobalHydra.instance().clear()
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def _hydra_message(e: Exception) -> str:
+def parse_overrides(overrides: list[str]):
+    """Hydra's own parse of override strings (key, value, sweep or not), with a readable error."""
+    try:
+        return OverridesParser.create().parse_overrides(list(overrides))
+    except Exception as e:
+        raise LlamaLoraError(f"Could not parse the overrides {list(overrides)}: {hydra_message(e)}") from e
+
+
+def hydra_message(e: Exception) -> str:
     msg = " ".join(str(e).split("Config search path")[0].split())
     cause = e.__cause__
     if cause is not None and str(cause) and str(cause) not in msg:
@@ -42,7 +80,7 @@ def _hydra_message(e: Exception) -> str:
     return msg
 
 
-def validate(data: dict[str, Any]) -> Config:
+def from_dict(data: dict[str, Any]) -> Config:
     """Validate a composed dict; raise LlamaLoraError naming field, value and what is allowed."""
     try:
         return Config.model_validate(data)
@@ -71,17 +109,12 @@ def format_validation_error(e: ValidationError) -> str:
     return "Invalid configuration: " + "; ".join(parts) + "."
 
 
-def load_config(overrides: list[str] | None = None) -> Config:
-    """Compose and validate: the entry point every command uses."""
-    return validate(compose_dict(overrides))
-
-
 def load_config_file(path: str | Path) -> Config:
     """Read a resolved config YAML written into a run directory."""
     path = Path(path)
     if not path.is_file():
         raise LlamaLoraError(f"No config file at {path}: is this a llama-lora run directory?")
-    return validate(yaml.safe_load(path.read_text()) or {})
+    return from_dict(yaml.safe_load(path.read_text()) or {})
 
 
 def to_yaml(cfg: Config) -> str:

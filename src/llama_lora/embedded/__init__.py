@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from .base_model import build_base_model
-from .data import FINETUNE_TASKS, PRETRAIN_TASKS, exact_match, generate_splits, write_jsonl
+from .data import FINETUNE_TASKS, PRETRAIN_TASKS, generate_splits, write_jsonl
 from .tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,6 @@ __all__ = [
     "default_cache_dir",
     "ensure_base_model",
     "ensure_dataset",
-    "exact_match",
     "generate_splits",
     "write_jsonl",
 ]

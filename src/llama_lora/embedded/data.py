@@ -221,10 +221,6 @@ def write_jsonl(splits: dict[str, list[Record]], out_dir: str | Path) -> dict[st
     return paths
 
 
-def exact_match(prediction: str, reference: str) -> bool:
-    return prediction.strip() == reference.strip()
-
-
 def to_messages(record: Record) -> list[dict[str, str]]:
     """Render an Alpaca record as a user/assistant chat (the input goes below the instruction)."""
     user = record["instruction"] if not record.get("input") else record["instruction"] + "\n\n" + record["input"]
