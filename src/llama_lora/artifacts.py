@@ -51,6 +51,34 @@ class RunDir:
         data = self.status() | extra | {"status": status, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_json(self.status_file, data)
 
+    def prepare_for_training(self, overwrite: bool, resume: str) -> list[str]:
+        """Refuse a finished run (unless overwrite), clear one being replaced, make sure the folder is
+        writable, and undo what a killed save left (`clean_stale`); returns what was cleaned up."""
+        if self.path.exists():
+            if self.is_finished() and not overwrite:
+                raise LlamaLoraError(
+                    f"Run directory {self.path} holds a finished run. Choose another run_name=..., "
+                    "or pass overwrite=true to replace it."
+                )
+            if overwrite or resume == "never":
+                if not overwrite and self.checkpoint_dirs():
+                    raise LlamaLoraError(
+                        f"Run directory {self.path} holds an unfinished run with checkpoints and "
+                        "training.resume=never. Use training.resume=auto to continue it, or overwrite=true."
+                    )
+                shutil.rmtree(self.path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise LlamaLoraError(
+                f"Cannot write to the output directory {self.path} ({e.strerror}). "
+                "Choose a writable output_dir=... ."
+            ) from e
+        return clean_stale(self.path) + clean_stale(self.checkpoints)
+
     def checkpoint_dirs(self) -> list[Path]:
         """Complete checkpoints, oldest first (a complete one has its state file, written last)."""
         if not self.checkpoints.is_dir():

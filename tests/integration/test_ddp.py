@@ -7,7 +7,7 @@
   uninterrupted run, dropout on: every process's RNG stream is saved and restored.
 - FSDP2 (sharded) on CPU: the adapter gathered from the shards is the standard PEFT one, equal to a
   one-process run, and a sharded checkpoint resumes exactly. accelerate runs FSDP only on GPUs, so this
-  shards the model by hand with torch's fully_shard and drives train.py's save/load helpers.
+  shards the model by hand with torch's fully_shard and drives checkpoint.py's save/load.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -134,7 +134,7 @@ def test_ddp_resume_after_failure_matches_uninterrupted_run(tiny_base, small_dat
 
 
 FSDP_WORKER = textwrap.dedent('''
-    """Run under torchrun (2 processes, gloo): FSDP2-shard a DoRA model, train, save/resume via train.py."""
+    """Run under torchrun (2 processes, gloo): FSDP2-shard a DoRA model, train, save/resume via checkpoint.py."""
     import json, sys
     from pathlib import Path
 
@@ -144,7 +144,7 @@ FSDP_WORKER = textwrap.dedent('''
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM, get_scheduler
 
-    from llama_lora import train
+    from llama_lora import checkpoint
     from llama_lora.artifacts import RunDir
 
     base, out = sys.argv[1], Path(sys.argv[2])
@@ -169,26 +169,26 @@ FSDP_WORKER = textwrap.dedent('''
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
 
     def save_adapter(model, path):
-        state = train._gathered_adapter_state(accelerator, model)  # collective, as in train.run
+        state = checkpoint.gathered_adapter_state(accelerator, model)  # collective, as in train.run
         if accelerator.is_main_process:
             model.save_pretrained(path, state_dict=state)
         accelerator.wait_for_everyone()
 
     model, opt, sched = build(shard=True)
-    assert train._is_fsdp(model)
+    assert checkpoint.is_fsdp(model)
     for b in batches[:2]:
         step(model, opt, sched, b)
     run_dir = RunDir(out / "run")
     if accelerator.is_main_process:
         run_dir.path.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    ckpt = Path(train._save_checkpoint(run_dir, accelerator, model, opt, sched, {"step": 2}, keep=1))
+    ckpt = Path(checkpoint.save(run_dir, accelerator, model, opt, sched, checkpoint.TrainState(step=2), keep=1))
     for b in batches[2:]:
         step(model, opt, sched, b)
     save_adapter(model, out / "straight")
 
     model2, opt2, sched2 = build(shard=True)
-    train._load_checkpoint(ckpt, model2, opt2, sched2, accelerator.device)
+    checkpoint.load(ckpt, model2, opt2, sched2)
     for b in batches[2:]:
         step(model2, opt2, sched2, b)
     save_adapter(model2, out / "resumed")

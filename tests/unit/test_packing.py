@@ -4,18 +4,16 @@ with llama-lora's per-example (varlen) attention; length-grouped batching is det
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from llama_lora.config.schema import TrainingConfig
+from llama_lora.attention import use_varlen_attention
 from llama_lora.data import IGNORE_INDEX, collate_packed, collate_padded
-from llama_lora.evaluate import response_loss_sum
-from llama_lora.kernels import use_varlen_attention
-from llama_lora.train import _step_batches
+from llama_lora.loss import response_loss_sum
+from llama_lora.sampler import StepSampler
 
 
 def _model(attn="sdpa"):
@@ -105,13 +103,13 @@ def _padding_fraction(batches):
 def test_group_by_length_is_deterministic_complete_and_pads_less():
     rng = random.Random(1)
     examples = _examples([int(rng.lognormvariate(4.5, 0.6)) + 4 for _ in range(200)])
-    tc = TrainingConfig(micro_batch_size=4, gradient_accumulation_steps=2)
-    acc = SimpleNamespace(num_processes=1, process_index=0)
     steps_per_epoch = len(examples) // 8
 
     def epoch(group, epoch_index=0, seed=3):
-        return [_step_batches(examples, epoch_index * steps_per_epoch + s, steps_per_epoch, tc, acc, seed, group)
-                for s in range(1, steps_per_epoch + 1)]
+        # A new sampler each time: the order is recomputed, never read from an earlier epoch's cache.
+        sampler = StepSampler(examples, seed, micro_batch_size=4, accumulation=2, group_by_length=group)
+        assert sampler.steps_per_epoch == steps_per_epoch
+        return [sampler.batches(epoch_index * steps_per_epoch + s) for s in range(1, steps_per_epoch + 1)]
 
     grouped, plain = epoch(True), epoch(False)
     # Every example once per epoch, in micro-batches of the configured size.
