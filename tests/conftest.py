@@ -5,30 +5,21 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-# Never touch the network from tests, and keep the embedded cache inside the checkout.
+# Never touch the network from tests, and keep the embedded cache inside the checkout (set before any
+# import below can read them).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("LLAMA_LORA_CACHE", str(REPO / ".cache" / "llama_lora"))
+os.environ.setdefault("LLAMA_LORA_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "llama_lora"))
 
+pytest.register_assert_rewrite("tests.helpers")  # before the import: its asserts report like a test's
 
-def run_cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: int = 900,
-            env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m llama_lora.cli ...` in a subprocess, as a user would."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "llama_lora.cli", *args], cwd=cwd, capture_output=True, text=True,
-        timeout=timeout, env={**os.environ, **(env or {})}, input=stdin,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"CLI {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
-    return proc
+from tests.helpers import run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from llama_lora.config.load import load_config_file
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import pytest
 from llama_lora import artifacts, cli
 from llama_lora.artifacts import RunDir
 from llama_lora.errors import LlamaLoraError
-from tests.integration._train_proc import (
+from tests.helpers import (
     STEPS, TrainProc, assert_curve_continues, assert_same_adapter, assert_same_metrics, data_file, metrics,
     reference_run, run_to_end, train_args,
 )

@@ -10,8 +10,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
-from tests.unit._fake_run import make_run
+from tests.helpers import make_run, run_cli
 
 
 @pytest.fixture(scope="module")

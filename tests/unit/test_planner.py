@@ -4,18 +4,18 @@ vs a measured peak, budgets, and auto_batch_size keeping the global batch."""
 from __future__ import annotations
 
 import random
-import re
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from llama_lora import lean
 from llama_lora.adapter import apply_adapter, count_parameters
+from llama_lora.attention import use_varlen_attention
 from llama_lora.config.schema import Config
 from llama_lora.data import IGNORE_INDEX, make_collate
 from llama_lora.errors import LlamaLoraError
-from llama_lora.evaluate import response_loss_sum
-from llama_lora.kernels import prepare_for_training
+from llama_lora.loss import response_loss_sum
 from llama_lora.planner import auto_batch_size, measure_peak_bytes, plan_memory
 
 LLAMA_32_1B = LlamaConfig(  # meta-llama/Llama-3.2-1B's published config.json
@@ -69,6 +69,10 @@ def test_terms_follow_the_configuration():
     for off in (_cfg(peft={"lean_merged": False}), _cfg(peft={"dropout": 0.05}), _cfg(training={"precision": "bf16"})):
         assert plan_memory(off, LLAMA_32_1B, "cpu", 4, tokens_per_micro_batch=1024).breakdown["merged weights"] == 0
     assert plan_memory(_cfg(), LLAMA_32_1B, "cuda", 4, tokens_per_micro_batch=1024).breakdown["merged weights"] == 0
+    # The planner reads the run's policy when given one: sharded (FSDP/DeepSpeed) runs PEFT's forward.
+    sharded = lean.decide(_cfg().peft, "cpu", "fp32", sharded=True)
+    assert plan_memory(_cfg(), LLAMA_32_1B, "cpu", 4, tokens_per_micro_batch=1024,
+                       lean=sharded).breakdown["merged weights"] == 0
     # Without token counts the worst case is planned: every example at data.max_seq_length.
     worst = plan_memory(_cfg(data={"max_seq_length": 256}), LLAMA_32_1B, "cpu", 2)
     assert worst.tokens_per_micro_batch == 512 and "worst case" in worst.report()
@@ -96,8 +100,10 @@ def test_prediction_within_10_percent_of_measured_peak(overrides):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**SMALL), attn_implementation="sdpa", dtype=torch.float32)
     model.config.use_cache = False
-    model = apply_adapter(model, cfg.peft)
-    prepare_for_training(model, cfg)
+    policy = lean.decide(cfg.peft, "cpu", "fp32")
+    model = apply_adapter(model, cfg.peft, lean=policy)
+    if cfg.data.packing:
+        use_varlen_attention(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     collate = make_collate(cfg.data.packing, 0)
@@ -116,7 +122,8 @@ def test_prediction_within_10_percent_of_measured_peak(overrides):
     tokens = sum(lengths) if cfg.data.packing else 4 * max(lengths)
     keep = sum(n - n // 2 for n in lengths) if cfg.data.packing else 4 * (max(lengths) - min(n // 2 for n in lengths))
     plan = plan_memory(cfg, LlamaConfig(**SMALL), "cpu", 4, tokens_per_micro_batch=tokens,
-                       rows_per_micro_batch=1 if cfg.data.packing else 4, loss_tokens_per_micro_batch=keep)
+                       rows_per_micro_batch=1 if cfg.data.packing else 4, loss_tokens_per_micro_batch=keep,
+                       lean=policy)
     assert abs(plan.tensor_bytes / measured - 1) < 0.10, (plan.report(), measured)
 
 
@@ -148,33 +155,3 @@ def test_auto_batch_size_keeps_the_global_batch():
     tight = base.model_copy(update={"training": base.training.model_copy(update={"memory_budget_gb": 0.5})})
     with pytest.raises(LlamaLoraError, match="Even a micro-batch of 1.*gradient_checkpointing"):
         auto_batch_size(tight, LLAMA_32_1B, "cpu", lengths)
-
-
-@pytest.mark.slow
-def test_train_auto_batch_size_picks_a_divisor_and_logs_it(tmp_path, embedded_model, embedded_data):
-    from transformers import AutoConfig
-
-    from llama_lora import data as data_lib, model as model_lib
-    from llama_lora.config.load import load_config
-    from llama_lora.planner import largest_micro_batch
-    from tests.conftest import run_cli
-
-    # A budget between the plans for 2 and 3 examples per forward pass, from the real tokenized data.
-    overrides = ["experiment=quickstart", "training.max_steps=2", "training.eval_every=0", "data.max_eval_examples=8"]
-    cfg = load_config(overrides)
-    tok = model_lib.load_tokenizer(str(embedded_model), cfg.model)
-    train_ds, _ = data_lib.load_train_eval(cfg.data, cfg.training.seed)
-    examples, _ = data_lib.tokenize_dataset(train_ds, cfg.data, tok, data_lib.PromptFormat.choose(cfg.data, tok))
-    lengths = [len(e["input_ids"]) for e in examples]
-    mc = AutoConfig.from_pretrained(embedded_model)
-    _, two = largest_micro_batch(cfg, mc, "cpu", lengths, upper=2)
-    _, three = largest_micro_batch(cfg, mc, "cpu", lengths, upper=3)
-    budget = (two.total_bytes + three.total_bytes) / 2 / 2**30
-    run_cli("train", *overrides, "training.auto_batch_size=true", f"training.memory_budget_gb={budget}",
-            f"output_dir={tmp_path}", "run_name=auto")
-    log = (tmp_path / "auto" / "train.log").read_text()
-    line = next(ln for ln in log.splitlines() if "auto_batch_size: micro-batch" in ln)
-    # Quickstart configures 16 x 1: 2 examples fit, 3 do not -> 2 x 8 accumulation, same global batch.
-    assert "micro-batch 2 x 8 accumulation (configured 16 x 1)" in line, line
-    assert "global batch 16 (2 x 8 accumulation" in log  # the loop runs with the chosen split
-    assert (tmp_path / "auto" / "adapter" / "adapter_model.safetensors").exists()

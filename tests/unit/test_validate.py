@@ -9,20 +9,12 @@ import pytest
 from llama_lora import validate
 from llama_lora.config.load import load_config
 from llama_lora.errors import LlamaLoraError
-from tests.conftest import run_cli
+from tests.helpers import validate_overrides as overrides, write_validate_data
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    from llama_lora.embedded.data import generate_splits, write_jsonl
-
-    out = tmp_path_factory.mktemp("data")
-    write_jsonl(generate_splits(seed=3, n_train=60, n_validation=10, n_test=10), out)
-    return out
-
-
-def overrides(base, data, *extra):
-    return [f"model.name_or_path={base}", f"data.source={data}", "data.train_split=train", *extra]
+    return write_validate_data(tmp_path_factory.mktemp("data"))
 
 
 def statuses(report):
@@ -82,11 +74,3 @@ def test_preflight_flags_truncation_and_fully_masked_examples(tiny_base, tmp_pat
     assert st["no fully masked example"].status == validate.WARN and "2 examples" in st["no fully masked example"].detail
     assert st["truncated"].status == validate.WARN and "3 of 11 rows" in st["truncated"].detail
     assert st["eos in labels"].status == validate.OK  # the truncated answer legitimately lost its eos
-
-
-def test_cli_exit_codes(tiny_base, small_data, tmp_path):
-    ok = run_cli("validate", *overrides(tiny_base, small_data))
-    assert "OK: ready to train" in ok.stdout and "⟦" in ok.stdout
-    bad = run_cli("validate", *overrides(tiny_base, tmp_path / "missing-data"), check=False)
-    assert bad.returncode == 2
-    assert "does not exist" in " ".join(bad.stderr.split())
