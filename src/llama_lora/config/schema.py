@@ -86,8 +86,8 @@ class PeftConfig(_Strict):
     alpha: float = Field(32.0, gt=0.0, description="Scaling numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0,
-        description="Dropout on the adapter input. 0 by default, as in PEFT and Unsloth: on CPU a dropout of "
-        "0.05 costs ~9% of a LoRA step (masks for every adapted layer; benchmarks/README.md).",
+        description="Dropout probability on the adapter input. 0 by default, as in PEFT and Unsloth: dropout "
+        "makes a step slower (a mask per adapted layer, no merged step; see benchmarks/README.md, row (i), S11).",
     )
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]) or 'all-linear'."
@@ -96,32 +96,32 @@ class PeftConfig(_Strict):
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     lean: bool | Literal["auto"] = Field(
         "auto",
-        description="Train through llama-lora's lean LoRA/DoRA step (kernels.py: shared A matmul for q/k/v and "
+        description="Train through llama-lora's lean LoRA/DoRA step (shared A matmul for q/k/v and "
         "gate/up, DoRA norm from low-rank products without materialising B@A). Same parameters and saved PEFT "
         "files; false uses PEFT's own forward. auto: lean everywhere except LoRA on a GPU, where PEFT's forward "
-        "measured faster (benchmarks/README.md: kernel launches, not FLOPs, bound a GPU step there).",
+        "measured faster (kernel launches bound the step there; see benchmarks/README.md, rows (f)/(h), G4).",
     )
     lean_merged: bool | Literal["auto"] = Field(
         "auto",
         description="In the lean step, compute each adapted layer against W + s*B*A, formed once per optimizer "
         "step: the adapter's add into the output and its share of the input gradient leave every micro-batch "
-        "(40M CPU benchmark: LoRA +2.8%, DoRA +4.1% tokens/s). Costs one copy of the adapted weights in memory "
+        "(see benchmarks/README.md, row (j), S12). Costs one copy of the adapted weights in memory "
         "(the planner counts it); applies only in fp32 without dropout (in bf16, W + s*B*A would round the "
         "update away). auto: on CPU.",
     )
     lean_kernel: bool | Literal["auto"] = Field(
         "auto",
         description="In the merged step on CPU, compute the backward's rank-r products (g*B with the B gradient "
-        "in one pass over g, and the A gradient) with llama-lora's C kernel (native.py, csrc/lowrank.c; compiled "
-        "once with the system's gcc into the cache directory) instead of BLAS, which runs them at a third to a "
-        "half of its big-matmul rate (40M CPU benchmark: LoRA step 1.10x -> 1.07x the frozen floor). "
+        "in one pass over g, and the A gradient) with llama-lora's C kernel (csrc/lowrank.c, compiled "
+        "once with the system's gcc into the cache directory) instead of BLAS, which runs such narrow products "
+        "well below its big-matmul rate (see benchmarks/README.md, row (k), S13). "
         "auto: where gcc builds it, BLAS otherwise; true: fail if it cannot be built; false: BLAS.",
     )
 
     @field_validator("target_modules", mode="before")
     @classmethod
     def _split_names(cls, v):
-        # Accept the shell-friendly form peft.target_modules=q_proj,v_proj as well as a YAML list.
+        # Accept a comma-separated string (peft.target_modules='q_proj,v_proj', quoted for Hydra) as well as a list.
         if isinstance(v, str) and v != "all-linear":
             return [name.strip() for name in v.split(",") if name.strip()]
         return v
