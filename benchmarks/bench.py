@@ -303,7 +303,7 @@ def run_llama_lora(model_dir, adapter, steps, micro, codes) -> list[Result]:
                                                   num_training_steps=len(steps))
         res = Result(name, "-" if frozen else adapter, block=adapter)
         res.micro = micro
-        if cfg.training.auto_batch_size:
+        if cfg.training.planner_sizes_batch(DEVICE):  # auto_batch_size, or train.py's default on CUDA
             from llama_lora.planner import auto_batch_size
 
             res.micro, _, plan = auto_batch_size(cfg, model.get_base_model().config, DEVICE,

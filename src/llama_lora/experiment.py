@@ -132,7 +132,8 @@ def _check_same_config(run_dir: RunDir, cfg: Config) -> None:
     """A finished run is reused only if it was trained with this very configuration."""
     old = _flatten(_training_part(load_config_file(run_dir.config).model_dump(mode="json")))
     new = _flatten(_training_part(cfg.model_dump(mode="json")))
-    if cfg.training.auto_batch_size:  # config.yaml records the split the planner chose, not the configured one
+    if cfg.training.auto_batch_size or cfg.training.micro_batch_size == "auto":
+        # config.yaml records the split that ran (the planner's, or the number 'auto' stands for)
         for key in ("training.micro_batch_size", "training.gradient_accumulation_steps"):
             old.pop(key, None), new.pop(key, None)
     diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(old.keys() | new.keys())

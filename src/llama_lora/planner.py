@@ -177,7 +177,7 @@ def plan_memory(
     `lean`: the run's lean-step policy (Runtime.lean); None: decided here as train.py would unsharded.
     """
     device = "cuda" if device.startswith("cuda") else device
-    micro = micro_batch_size or cfg.training.micro_batch_size
+    micro = micro_batch_size or cfg.training.base_micro_batch_size
     seq = cfg.data.max_seq_length
     T = tokens_per_micro_batch if tokens_per_micro_batch is not None else micro * seq
     rows = rows_per_micro_batch if rows_per_micro_batch is not None else (1 if cfg.data.packing else micro)
@@ -309,7 +309,7 @@ def largest_micro_batch(cfg: Config, model_config: PretrainedConfig, device: str
     worst case). Raises nothing: if even 1 does not fit, (1, plan) comes back with plan.fits False.
     `lean` as for plan_memory.
     """
-    upper = upper or cfg.training.micro_batch_size * cfg.training.gradient_accumulation_steps
+    upper = upper or cfg.training.base_micro_batch_size * cfg.training.gradient_accumulation_steps
     longest = sorted(lengths or [], reverse=True)
     if lean is None:
         lean = _decide(cfg, device)
@@ -348,7 +348,7 @@ def auto_batch_size(cfg: Config, model_config: PretrainedConfig, device: str,
     from llama_lora.errors import LlamaLoraError
 
     tc = cfg.training
-    global_batch = tc.micro_batch_size * tc.gradient_accumulation_steps
+    global_batch = tc.base_micro_batch_size * tc.gradient_accumulation_steps
     if lean is None:
         lean = _decide(cfg, device)
     fit, plan = largest_micro_batch(cfg, model_config, device, lengths, upper=global_batch, lean=lean)
@@ -363,6 +363,30 @@ def auto_batch_size(cfg: Config, model_config: PretrainedConfig, device: str,
     if micro != fit:
         _, plan = largest_micro_batch(cfg, model_config, device, lengths, upper=micro, lean=lean)
     return micro, global_batch // micro, plan
+
+
+def batch_split(cfg: Config, model_config: PretrainedConfig, device: str, lengths: list[int],
+                lean: LeanPolicy | None = None) -> tuple[Config, str | None]:
+    """The config that trains, with training.micro_batch_size resolved to a number, and the log line
+    saying how (None when nothing was chosen).
+
+    Where `planner_sizes_batch(device)` (auto_batch_size, or an 'auto' micro-batch on CUDA) the planner
+    picks it as auto_batch_size does, keeping the global batch; otherwise the configured number ('auto':
+    DEFAULT_MICRO_BATCH). train.py saves what this returns as the run's config.yaml.
+    """
+    tc = cfg.training
+    if not tc.planner_sizes_batch(device):
+        if tc.micro_batch_size != "auto":
+            return cfg, None
+        micro, accum, line = tc.base_micro_batch_size, tc.gradient_accumulation_steps, None
+    else:
+        micro, accum, plan = auto_batch_size(cfg, model_config, device, lengths, lean=lean)
+        why = "training.auto_batch_size" if tc.auto_batch_size else "training.micro_batch_size=auto on CUDA"
+        budget = f"{plan.available_bytes / 2**30:.2f} GiB" if plan.available_bytes else "unknown"
+        line = (f"{why}: micro-batch {micro} x {accum} accumulation (configured {tc.base_micro_batch_size} x "
+                f"{tc.gradient_accumulation_steps}); planned peak {plan.total_bytes / 2**30:.2f} GiB of {budget}")
+    training = tc.model_copy(update={"micro_batch_size": micro, "gradient_accumulation_steps": accum})
+    return cfg.model_copy(update={"training": training}), line
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from llama_lora.config.load import to_yaml
 from llama_lora.config.schema import Config
 from llama_lora.errors import LlamaLoraError
 from llama_lora.loss import response_loss_sum
+from llama_lora.planner import batch_split
 from llama_lora.sampler import StepSampler
 
 log = logging.getLogger("llama_lora.train")
@@ -134,7 +135,11 @@ def setup(cfg: Config) -> Session:
         log.info("Packed rows use per-example attention (%s): no T x T mask, no cross-example blocks.", VARLEN_ATTENTION)
     trainable, total = count_parameters(model)
 
-    cfg = _choose_batch_split(cfg, runtime, model, train_examples)
+    # The batch split that runs (on CUDA by default the planner's micro-batch): what config.yaml records.
+    cfg, chosen = batch_split(cfg, model.get_base_model().config, runtime.device,
+                              [len(e["input_ids"]) for e in train_examples], lean=runtime.lean)
+    if chosen:
+        log.info(chosen)
     tc = cfg.training
     sampler = StepSampler(train_examples, tc.seed, tc.micro_batch_size, tc.gradient_accumulation_steps,
                           accelerator.num_processes, accelerator.process_index,
@@ -166,23 +171,6 @@ def setup(cfg: Config) -> Session:
         optimizer=optimizer, scheduler=scheduler, sampler=sampler, total_steps=total_steps, trainable=trainable,
         total=total, sharded=sharded,
     )
-
-
-def _choose_batch_split(cfg: Config, runtime, model, train_examples) -> Config:
-    """training.auto_batch_size: the largest micro-batch the memory planner says fits, accumulation
-    keeping the configured global batch. Returns the config that will run."""
-    tc = cfg.training
-    if not tc.auto_batch_size:
-        return cfg
-    from llama_lora.planner import auto_batch_size
-
-    micro, accum, plan = auto_batch_size(cfg, model.get_base_model().config, runtime.device,
-                                         [len(e["input_ids"]) for e in train_examples], lean=runtime.lean)
-    log.info("auto_batch_size: micro-batch %d x %d accumulation (configured %d x %d); planned peak %.2f GiB of %s",
-             micro, accum, tc.micro_batch_size, tc.gradient_accumulation_steps, plan.total_bytes / 2**30,
-             f"{plan.available_bytes / 2**30:.2f} GiB" if plan.available_bytes else "unknown")
-    return cfg.model_copy(update={"training": tc.model_copy(
-        update={"micro_batch_size": micro, "gradient_accumulation_steps": accum})})
 
 
 def resume(s: Session) -> TrainState:

@@ -208,7 +208,20 @@ def _check_memory(cfg: Config, model_config, device: str, report: Report, lean=N
     except ImportError:
         report.add("memory", WARN, "the memory planner (llama_lora.planner) is not available in this install")
         return
-    plan = plan_memory(cfg, model_config, device, lean=lean)
+    chosen = ""
+    if cfg.training.planner_sizes_batch(device):  # as train.py: the planner picks the micro-batch
+        from llama_lora.planner import batch_split
+
+        try:
+            run_cfg, _ = batch_split(cfg, model_config, device, [], lean=lean)
+        except LlamaLoraError as e:
+            report.add("memory", FAIL, str(e).splitlines()[0])
+            return
+        micro = run_cfg.training.micro_batch_size
+        chosen = f"; the planner picks micro-batch {micro} x {run_cfg.training.gradient_accumulation_steps} accumulation"
+    else:
+        micro = cfg.training.base_micro_batch_size
+    plan = plan_memory(cfg, model_config, device, micro, lean=lean)
     report.memory = plan.report()
     gib = 2**30
     if plan.available_bytes is None:
@@ -216,7 +229,7 @@ def _check_memory(cfg: Config, model_config, device: str, report: Report, lean=N
                                    "unknown (set training.memory_budget_gb)")
     elif plan.fits:
         report.add("memory", OK, f"about {plan.total_bytes / gib:.2f} GiB of {plan.available_bytes / gib:.2f} GiB "
-                                 f"available on {device}")
+                                 f"available on {device}{chosen}")
     else:
         report.add("memory", FAIL, f"needs about {plan.total_bytes / gib:.2f} GiB but {device} has "
                                    f"{plan.available_bytes / gib:.2f} GiB"

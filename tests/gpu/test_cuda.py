@@ -206,3 +206,20 @@ def test_train_eval_merge_on_cuda(tmp_path, embedded_model, embedded_data):
     run_cli("merge", str(run))
     merged = run / "merged"
     assert (merged / "config.json").is_file() and any(merged.glob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_default_micro_batch_is_the_planners_on_cuda(tmp_path, embedded_model, embedded_data):
+    """training.micro_batch_size=auto (the schema default) on CUDA: the planner picks the micro-batch,
+    the global batch (4 x accumulation) is kept, the choice is logged and config.yaml records it."""
+    from llama_lora.config.load import load_config_file
+    from tests.helpers import run_cli
+
+    run_cli("train", "experiment=quickstart", "training.micro_batch_size=auto", "training.gradient_accumulation_steps=8",
+            "training.max_steps=5", "training.eval_every=0", f"output_dir={tmp_path}", "run_name=auto")
+    log = (tmp_path / "auto" / "train.log").read_text()
+    line = next(ln for ln in log.splitlines() if "micro_batch_size=auto on CUDA: micro-batch" in ln)
+    saved = load_config_file(tmp_path / "auto" / "config.yaml").training
+    assert saved.micro_batch_size * saved.gradient_accumulation_steps == 32, line
+    assert saved.micro_batch_size == 32, line  # 32 short embedded examples fit any GPU
+    print(line)

@@ -155,3 +155,50 @@ def test_auto_batch_size_keeps_the_global_batch():
     tight = base.model_copy(update={"training": base.training.model_copy(update={"memory_budget_gb": 0.5})})
     with pytest.raises(LlamaLoraError, match="Even a micro-batch of 1.*gradient_checkpointing"):
         auto_batch_size(tight, LLAMA_32_1B, "cpu", lengths)
+
+
+def test_batch_split_fills_the_gpu_by_default_and_honours_an_explicit_micro_batch():
+    """training.micro_batch_size=auto (the default): on CUDA the planner's micro-batch, the global batch
+    (4 x accumulation) kept; elsewhere 4; an explicit number is used as given on CUDA too. Devices are
+    named, not probed, as in the device matrix tests: this runs on CPU."""
+    from llama_lora.planner import batch_split
+
+    lengths = [random.Random(i).randint(50, 300) for i in range(64)]
+    roomy = {"memory_budget_gb": 4096.0}
+    cfg = _cfg(training=roomy)
+    assert cfg.training.micro_batch_size == "auto" and cfg.training.gradient_accumulation_steps == 4
+
+    on_cpu, line = batch_split(cfg, LLAMA_32_1B, "cpu", lengths)
+    assert (on_cpu.training.micro_batch_size, on_cpu.training.gradient_accumulation_steps, line) == (4, 4, None)
+
+    on_gpu, line = batch_split(cfg, LLAMA_32_1B, "cuda", lengths)
+    assert (on_gpu.training.micro_batch_size, on_gpu.training.gradient_accumulation_steps) == (16, 1)
+    assert "training.micro_batch_size=auto on CUDA: micro-batch 16 x 1 accumulation (configured 4 x 4)" in line
+
+    # A budget that fits 5 but not 8 examples per forward: the largest divisor of the global batch 16.
+    def plan_for(b):
+        tokens = sum(sorted(lengths, reverse=True)[:b])
+        return plan_memory(cfg, LLAMA_32_1B, "cuda", b, tokens_per_micro_batch=tokens, rows_per_micro_batch=1,
+                           loss_tokens_per_micro_batch=tokens)
+
+    tight = _cfg(training={"memory_budget_gb": (plan_for(5).total_bytes + 1024) / 2**30})
+    split, _ = batch_split(tight, LLAMA_32_1B, "cuda", lengths)
+    assert (split.training.micro_batch_size, split.training.gradient_accumulation_steps) == (4, 4)
+
+    explicit = _cfg(training={**roomy, "micro_batch_size": 2, "gradient_accumulation_steps": 3})
+    kept, line = batch_split(explicit, LLAMA_32_1B, "cuda", lengths)
+    assert kept is explicit and line is None  # the user's micro-batch, untouched
+    asked = _cfg(training={**roomy, "micro_batch_size": 2, "gradient_accumulation_steps": 8, "auto_batch_size": True})
+    split, line = batch_split(asked, LLAMA_32_1B, "cpu", lengths)
+    assert (split.training.micro_batch_size, split.training.gradient_accumulation_steps) == (16, 1)
+    assert line.startswith("training.auto_batch_size: micro-batch 16 x 1 accumulation (configured 2 x 8)")
+
+
+def test_micro_batch_size_accepts_a_number_or_auto_only():
+    from llama_lora.errors import LlamaLoraError
+    from llama_lora.config.load import load_config
+
+    assert load_config(["training.micro_batch_size=8"]).training.micro_batch_size == 8
+    for bad in ("training.micro_batch_size=0", "training.micro_batch_size=max"):
+        with pytest.raises(LlamaLoraError, match="training.micro_batch_size"):
+            load_config([bad])

@@ -89,24 +89,27 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 
 def format_validation_error(e: ValidationError) -> str:
-    parts = []
+    parts: dict[str, str] = {}  # one entry per field: a union's members' complaints are joined with "or"
     for err in e.errors():
-        # Union members appear in loc as e.g. "list[str]"; keep only the field names.
-        path = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("list[", "literal[", "function-")))
+        # Union members appear in loc as e.g. "list[str]" or "constrained-int"; keep only the field names.
+        path = ".".join(str(p) for p in err["loc"]
+                        if not str(p).startswith(("list[", "literal[", "function-", "constrained-")))
         path = path or "<root>"
         value = err.get("input")
         if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{path}' (value {value!r}); remove it or fix its spelling")
+            parts[path] = f"unknown key '{path}' (value {value!r}); remove it or fix its spelling"
             continue
         allowed = ""
         ctx = err.get("ctx") or {}
         if "expected" in ctx and str(ctx["expected"]) not in err["msg"]:
             allowed = f"; allowed: {ctx['expected']}"
         if path == "<root>":  # a cross-field rule: its message names the fields; the input is the whole config
-            parts.append(err["msg"].removeprefix("Value error, "))
-            continue
-        parts.append(f"{path} = {value!r} is invalid: {err['msg']}{allowed}")
-    return "Invalid configuration: " + "; ".join(parts) + "."
+            parts[f"<root>{len(parts)}"] = err["msg"].removeprefix("Value error, ")
+        elif path in parts:
+            parts[path] += f", or {err['msg'][0].lower()}{err['msg'][1:]}{allowed}"
+        else:
+            parts[path] = f"{path} = {value!r} is invalid: {err['msg']}{allowed}"
+    return "Invalid configuration: " + "; ".join(parts.values()) + "."
 
 
 def load_config_file(path: str | Path) -> Config:

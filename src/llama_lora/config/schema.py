@@ -6,11 +6,13 @@ node), so a YAML file can only *change* a value, never introduce a field the sch
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 EMBEDDED = "embedded"  # sentinel for model.name_or_path / data.source: the offline default
+# training.micro_batch_size=auto off CUDA, and what an auto micro-batch counts as in the global batch.
+DEFAULT_MICRO_BATCH = 4
 
 
 class _Strict(BaseModel):
@@ -138,13 +140,20 @@ class TrainingConfig(_Strict):
     seed: int = Field(42, description="Seed for model init, data order and dropout.")
     num_epochs: float = Field(1.0, gt=0.0, description="Epochs over the training split (ignored if max_steps > 0).")
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1 derives it from num_epochs.")
-    micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass per device.")
-    gradient_accumulation_steps: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
+    micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="Examples per forward pass per device. 'auto': on CUDA the memory planner's choice (the "
+        f"largest that fits, keeping the global batch), {DEFAULT_MICRO_BATCH} elsewhere; a number is used as given.",
+    )
+    gradient_accumulation_steps: int = Field(
+        4, ge=1, description="Micro-batches per optimizer step; the global batch is micro_batch_size x this (an "
+        f"'auto' micro-batch counts as {DEFAULT_MICRO_BATCH} there).",
+    )
     auto_batch_size: bool = Field(
         False,
         description="Pick the largest micro-batch the memory planner says fits (training.memory_budget_gb, "
-        "else the device's memory) and make up the configured global batch "
-        "(micro_batch_size x gradient_accumulation_steps) with gradient accumulation.",
+        "else the device's memory) on any device, also over an explicit micro_batch_size, and make up the "
+        "configured global batch (micro_batch_size x gradient_accumulation_steps) with gradient accumulation.",
     )
     memory_budget_gb: float | None = Field(
         None, gt=0.0,
@@ -176,6 +185,16 @@ class TrainingConfig(_Strict):
     debug_nan_at_step: int | None = Field(
         None, ge=1, description="Testing knob: make the loss NaN at this step to exercise the non-finite guard."
     )
+
+    @property
+    def base_micro_batch_size(self) -> int:
+        """The micro-batch the global batch is counted in: micro_batch_size, 'auto' as DEFAULT_MICRO_BATCH."""
+        return DEFAULT_MICRO_BATCH if self.micro_batch_size == "auto" else self.micro_batch_size
+
+    def planner_sizes_batch(self, device: str) -> bool:
+        """Whether the memory planner picks the micro-batch on `device`: auto_batch_size, or an 'auto'
+        micro-batch on CUDA (fill the GPU by default; an explicit micro-batch is honoured)."""
+        return self.auto_batch_size or (self.micro_batch_size == "auto" and device == "cuda")
 
 
 class EvalConfig(_Strict):
