@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
+import reprlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,11 +136,11 @@ def _first_bad_json(files) -> str | None:
 
 def load_train_eval(cfg: DataConfig, seed: int):
     """(train, eval) datasets: the named eval split, the data set's 'validation', or a held-out share."""
-    train = load_split(cfg.source, cfg.train_split)
+    train = check_text_columns(load_split(cfg.source, cfg.train_split), cfg, cfg.train_split)
     if cfg.eval_split is not None:
-        return train, load_split(cfg.source, cfg.eval_split)
+        return train, check_text_columns(load_split(cfg.source, cfg.eval_split), cfg, cfg.eval_split)
     if "validation" in available_splits(cfg.source):
-        return train, load_split(cfg.source, "validation")
+        return train, check_text_columns(load_split(cfg.source, "validation"), cfg, "validation")
     if len(train) < 2:
         raise LlamaLoraError(f"data.train_split '{cfg.train_split}' has {len(train)} rows; need at least 2.")
     parts = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)
@@ -148,10 +150,83 @@ def load_train_eval(cfg: DataConfig, seed: int):
 def load_test(cfg: DataConfig, seed: int):
     """The held-out split eval/baseline use: test_split, else 'test', else the training eval split."""
     if cfg.test_split is not None:
-        return load_split(cfg.source, cfg.test_split)
-    if "test" in available_splits(cfg.source):
-        return load_split(cfg.source, "test")
-    return load_train_eval(cfg, seed)[1]
+        split, ds = cfg.test_split, load_split(cfg.source, cfg.test_split)
+    elif "test" in available_splits(cfg.source):
+        split, ds = "test", load_split(cfg.source, "test")
+    else:
+        split, ds = "held-out share of " + cfg.train_split, load_train_eval(cfg, seed)[1]
+    return check_text_columns(ds, cfg, split, extra=("task",))  # `task` groups eval's exact match
+
+
+# ----------------------------------------------------------------------------------------------------
+# Row values -> text: the one place a value of the data (or of an infer input file) becomes a string.
+
+_TEXT_DTYPES = frozenset({"string", "large_string", "string_view", "null", "int8", "int16", "int32", "int64",
+                          "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64"})
+_preview = reprlib.Repr()
+_preview.maxstring = _preview.maxother = 40
+_preview.maxlist = _preview.maxtuple = _preview.maxdict = 2
+_preview.maxlevel = 2
+DATA_ADVICE = ("Each instruction/input/output value must be a string (numbers are converted); fix the data, "
+               "or map a text column with data.columns.{key}=....")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "bytes"
+    if isinstance(value, dict):
+        return "a dict"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return f"a value of type {type(value).__name__}"
+
+
+def field_text(value: Any, column: str, row: int | None = None, where: str = "The data",
+               unit: str = "row", advice: str = DATA_ADVICE, key: str | None = None, label: str = "column") -> str:
+    """`value` as text: a string as is, a number as str(number), None (or NaN) as "" (a missing value).
+
+    Anything else (list, dict, bytes, bool, ...) is an error naming where, the row, the column and the
+    type: str() would silently train on its Python repr. Cheap for strings, as it runs once per value.
+    """
+    if type(value) is str:
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return "" if value != value else str(value)  # NaN: how pandas/CSV spell a missing cell
+    at = f"{where}, {unit} {row}" if row is not None else where
+    raise LlamaLoraError(
+        f"{at}: {label} '{column}' holds {_kind(value)} ({_preview.repr(value)}), not text. "
+        + advice.replace("{key}", key or "output")
+    )
+
+
+def _role_columns(cfg: DataConfig) -> dict[str, str]:
+    """{column name in the data: its data.columns key}."""
+    cols = cfg.columns
+    return {cols.instruction: "instruction", cols.input: "input", cols.output: "output"}
+
+
+def check_text_columns(ds, cfg: DataConfig, split: str, extra: tuple[str, ...] = ()):
+    """Refuse (naming the first bad row, in the split's own order) a text column that holds non-text values.
+
+    Arrow gives each column one type, so a string or number column needs no look at its rows; only a
+    column of another type (lists, structs, bytes, bools, or mixed JSON) is scanned, up to its first bad value.
+    """
+    roles = _role_columns(cfg) | {c: None for c in extra if c not in _role_columns(cfg)}
+    features = getattr(ds, "features", None) or {}
+    where = f"data.source '{cfg.source}', split '{split}'"
+    for column, key in roles.items():
+        feature = features.get(column)
+        if feature is None or getattr(feature, "dtype", None) in _TEXT_DTYPES or type(feature).__name__ == "ClassLabel":
+            continue
+        for i, row in enumerate(ds.select_columns([column])):
+            field_text(row[column], column, i + 1, where, key=key)
+    return ds
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,9 +328,11 @@ def tokenize_example(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: st
     return ids, labels
 
 
-def _text(row: dict[str, Any], col: str) -> str:
-    v = row.get(col)
-    return "" if v is None else str(v).strip()
+def max_value_chars(max_seq_length: int) -> int:
+    """A value longer than this is cut before tokenizing (a 30 MB cell took a minute): no token spans
+    anywhere near 400 characters, so the cut text still gives more than max_seq_length tokens and the
+    kept (truncated) tokens are the same; values shorter than this are untouched."""
+    return 400 * max_seq_length
 
 
 def tokenize_dataset(ds, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat,
@@ -270,8 +347,11 @@ def tokenize_dataset(ds, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, fm
         )
     stats = DataStats(rows=len(ds))
     examples = []
+    where, limit = f"data.source '{cfg.source}', {name} split", max_value_chars(cfg.max_seq_length)
+    roles = [(cols.instruction, "instruction"), (cols.input, "input"), (cols.output, "output")]
     for i, row in enumerate(ds):
-        instruction, inp, output = _text(row, cols.instruction), _text(row, cols.input), _text(row, cols.output)
+        # [:limit] returns a shorter string itself, unchanged; a longer one is cut (see max_value_chars).
+        instruction, inp, output = (field_text(row.get(c), c, i + 1, where, key=k)[:limit].strip() for c, k in roles)
         if not instruction or not output:
             stats.dropped_empty += 1
             stats.empty_row_indices.append(i)

@@ -20,6 +20,7 @@ import torch
 from transformers import TextStreamer
 
 from llama_lora import artifacts, runs
+from llama_lora import data as data_lib
 from llama_lora.config.schema import Config
 from llama_lora.errors import LlamaLoraError
 from llama_lora.generation import generate, generate_batched, generation_config
@@ -113,6 +114,10 @@ def chat(loaded: Loaded, cfg: Config, stdin: TextIO, stdout: TextIO, show_prompt
     return history
 
 
+_PROMPT_ADVICE = ("Each 'instruction', 'input' and 'prompt' must be a string (numbers are converted), like "
+                  '{"instruction": "...", "input": "..."} or {"prompt": "..."}.')
+
+
 def read_prompts(path: Path) -> list[dict]:
     """JSONL records with `instruction` (+ optional `input`), or `prompt` (the user message)."""
     if not path.is_file():
@@ -125,12 +130,22 @@ def read_prompts(path: Path) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise LlamaLoraError(f"{path} line {n} is not valid JSON ({e.msg}). Write one JSON object per line.") from e
-        if not isinstance(rec, dict) or not (rec.get("instruction") or rec.get("prompt")):
+        if not isinstance(rec, dict) or not ("instruction" in rec or "prompt" in rec):
             raise LlamaLoraError(
                 f"{path} line {n} has neither an 'instruction' nor a 'prompt' field. Each line must be like "
                 '{"instruction": "...", "input": "..."} or {"prompt": "..."}.'
             )
-        records.append(rec)
+        # The data's rule (data.field_text): strings as is, numbers converted, null missing, anything else an error.
+        texts = {k: data_lib.field_text(rec[k], k, n, str(path), unit="line", advice=_PROMPT_ADVICE,
+                                         label="field")
+                 for k in ("instruction", "input", "prompt") if k in rec}
+        if not (texts.get("instruction", "").strip() or texts.get("prompt", "").strip()):
+            field = "prompt" if "prompt" in rec else "instruction"
+            raise LlamaLoraError(
+                f"{path} line {n}: the {field} is empty. Give each line a non-empty 'instruction' (+ optional "
+                "'input') or 'prompt'."
+            )
+        records.append(rec | {k: v for k, v in texts.items() if rec[k] is not None})
     if not records:
         raise LlamaLoraError(f"--input-file {path} holds no records.")
     return records

@@ -159,3 +159,97 @@ def test_packed_batch_has_no_cross_example_attention(tiny_base):
             alone = model(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits[0]
             torch.testing.assert_close(packed_logits[start : start + n], alone, atol=1e-5, rtol=1e-5)
             start += n
+
+
+# ----------------------------------------------------------------------------------------------------
+# Values that are not text (issue 19): an error naming the row, the column and the type, never a repr.
+
+
+def _jsonl_rows(path, outputs):
+    rows = [{"instruction": f"Say {k}.", "input": "", "output": f"o{k}"} for k in range(20)]
+    for k, v in outputs.items():
+        rows[k]["output"] = v
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("value, kind", [
+    (["One solution", "is"], "a list"), ({"text": "One solution"}, "a dict"), (True, "a boolean"),
+])
+def test_non_text_jsonl_values_name_row_column_and_type(tmp_path, tok, value, kind):
+    src = _jsonl_rows(tmp_path / "d.jsonl", {16: value})
+    with pytest.raises(LlamaLoraError, match=rf"d.jsonl', split 'train', row 17: column 'output' holds {kind} "
+                                             r".*not text.*numbers are converted.*data.columns.output="):
+        load_train_eval(DataConfig(source=src, train_split="train"), seed=0)
+    # Handed to the tokenizer directly (no load-time check), the same error, from the same function.
+    with pytest.raises(LlamaLoraError, match=rf"row 17: column 'output' holds {kind}"):
+        tokenize_dataset(load_split(src, "train"), DataConfig(source=src), tok, PromptFormat("chat"))
+
+
+def test_non_text_parquet_columns_are_errors(tmp_path, tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base = {"instruction": ["a", "b", "c"], "input": ["", "", ""]}
+    pq.write_table(pa.table(base | {"output": [["One solution"], None, ["x"]]}), tmp_path / "lists.parquet")
+    pq.write_table(pa.table(base | {"output": [None, b"One solution", b"x"]}), tmp_path / "bytes.parquet")
+    for name, message in [("lists", r"row 1: column 'output' holds a list \(\['One solution'\]\)"),
+                          ("bytes", r"row 2: column 'output' holds bytes \(b'One solution'\)")]:
+        cfg = DataConfig(source=str(tmp_path / f"{name}.parquet"), train_split="train", eval_fraction=0.4)
+        with pytest.raises(LlamaLoraError, match=message):
+            load_train_eval(cfg, seed=0)
+        with pytest.raises(LlamaLoraError, match=message):
+            tokenize_dataset(load_split(cfg.source, "train"), cfg, tok, PromptFormat("chat"))
+
+
+def test_a_non_text_input_column_names_its_data_columns_key(tok):
+    ds = Dataset.from_list([{"q": "Add.", "ctx": [1, 2], "a": "3"}])
+    cfg = DataConfig(columns={"instruction": "q", "input": "ctx", "output": "a"})
+    with pytest.raises(LlamaLoraError, match=r"row 1: column 'ctx' holds a list \(\[1, 2\]\).*data.columns.input="):
+        tokenize_dataset(ds, cfg, tok, PromptFormat("chat"))
+
+
+def test_numbers_become_their_text_and_train(tmp_path, tok):
+    src = _jsonl_rows(tmp_path / "n.jsonl", {})
+    Dataset.from_list([{"instruction": "Add 2 and 3.", "input": 7, "output": 5},
+                       {"instruction": "Halve 3.", "input": None, "output": 1.5}]).to_json(str(tmp_path / "n.jsonl"))
+    train, held_out = load_train_eval(DataConfig(source=src, train_split="train", eval_fraction=0.5), seed=0)
+    fmt = PromptFormat("chat")
+    for ds in (Dataset.from_list([{"instruction": "Add 2 and 3.", "input": 7, "output": 5}]),
+               Dataset.from_list([{"instruction": "Halve 3.", "input": "", "output": 1.5}]), train, held_out):
+        examples, stats = tokenize_dataset(ds, DataConfig(), tok, fmt)
+        row = ds[0]
+        prompt, answer = fmt.render(tok, row["instruction"], str(row["input"] or ""), str(row["output"]))
+        assert stats.examples == 1 and examples[0]["input_ids"] == tokenize_example(tok, prompt, answer)[0]
+        assert answer in (f"{row['output']}<|eot_id|>",)
+
+
+def test_field_text_rules():
+    from llama_lora.data import field_text
+
+    assert field_text("a b", "c") == "a b" and field_text(5, "c") == "5" and field_text(1.5, "c") == "1.5"
+    assert field_text(None, "c") == "" and field_text(float("nan"), "c") == ""
+    for bad in (False, b"x", ["x"], {"x": 1}, ("x",)):
+        with pytest.raises(LlamaLoraError, match="column 'c' holds"):
+            field_text(bad, "c", 3)
+
+
+def test_a_huge_value_is_cut_before_tokenizing_without_changing_the_kept_tokens(tok):
+    """A 30 MB cell once took a minute to tokenize, to be truncated to max_seq_length tokens anyway."""
+    from llama_lora.data import max_value_chars
+
+    cfg = DataConfig(max_seq_length=64)
+    words = " ".join(["apple", "river", "stone", "cloud", "music", "zebra"][k % 6] + str(k % 7) for k in range(9000))
+    assert len(words) > 2 * max_value_chars(cfg.max_seq_length)
+    fmt = PromptFormat("chat")
+    for field in ("output", "instruction", "input"):
+        row = {"instruction": "Echo.", "input": "", "output": "ok"} | {field: words}
+        full_ids, full_labels = tokenize_example(tok, *fmt.render(tok, row["instruction"], row["input"], row["output"]))
+        if field != "output":  # the prompt alone is too long: dropped, with or without the cut
+            assert all(x == IGNORE_INDEX for x in full_labels[:64])
+            with pytest.raises(LlamaLoraError, match="dropped 1 with no response left after truncation"):
+                tokenize_dataset(Dataset.from_list([row]), cfg, tok, fmt)
+            continue
+        examples, stats = tokenize_dataset(Dataset.from_list([row]), cfg, tok, fmt)
+        assert stats.truncated == 1
+        assert examples[0] == {"input_ids": full_ids[:64], "labels": full_labels[:64]}
