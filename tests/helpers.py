@@ -196,6 +196,10 @@ BAD_INPUT_CASES = [
     _train("data_empty_after_filtering", ["data.source={w}/empty_outputs.jsonl"],
            ["no usable example", "missing/empty instruction or output"], True),
     _train("data_dir_without_train", ["data.source={w}/no_train_dir"], ["no train.jsonl"], True),
+    _train("data_list_valued_output", ["data.source={w}/list_outputs.jsonl"],
+           ["row 5: column 'output' holds a list", "not text", "data.columns.output="], True),
+    _train("data_parquet_binary_column", ["data.source={w}/binary.parquet"],
+           ["row 1: column 'output' holds bytes", "not text"], True),
     _train("data_dir_mixed_formats", ["data.source={w}/mixed_dir"], ["mixes file formats"], True),
     _train("data_unknown_split", ["data.train_split=nope"], ["Split 'nope' is not valid", "train"], True),
     _train("data_hub_unreachable", ["data.source=nobody/no-such-data"], ["Could not load the data set", "could not be reached"], True),
@@ -235,6 +239,14 @@ def _jsonl(path: Path, rows) -> None:
 def _row(i: int) -> dict:
     word = ["apple", "river", "stone", "cloud", "music"][i % 5] + str(i)
     return {"instruction": "Uppercase the word.", "input": word, "output": word.upper()}
+
+
+def _parquet_binary(path: Path, rows) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({k: [r[k] for r in rows] for k in ("instruction", "input")}
+                            | {"output": [r["output"].encode() for r in rows]}), path)
 
 
 def _truncate(path: Path) -> None:
@@ -278,6 +290,8 @@ def build_bad_input_world(w: Path, tiny_base: Path) -> Path:
     (w / "notes.txt").write_text("hello")
     _jsonl(w / "other_columns.jsonl", [{"prompt": r["instruction"], "completion": r["output"]} for r in good])
     _jsonl(w / "empty_outputs.jsonl", [r | {"output": " "} for r in good])
+    _jsonl(w / "list_outputs.jsonl", [r | {"output": [r["output"], "or"]} if i == 4 else r for i, r in enumerate(good)])
+    _parquet_binary(w / "binary.parquet", good)
     (w / "no_train_dir").mkdir()
     _jsonl(w / "no_train_dir" / "validation.jsonl", good)
     (w / "mixed_dir").mkdir()

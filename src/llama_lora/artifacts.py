@@ -8,10 +8,12 @@ outputs/<run>/
   tokenizer/       tokenizer with its chat template and pad token
   metrics.json     final training metrics
   train.log        log file; tensorboard/ event files; checkpoints/step-NNNNNN/ for resume
+outputs/.<run>.lock  the run's one-writer lock (RunLock): held by train, merge, eval, baseline
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +24,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from llama_lora.errors import LlamaLoraError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, no run lock
+    fcntl = None
 
 FINISHED = "finished"
 
@@ -79,12 +86,89 @@ class RunDir:
             ) from e
         return clean_stale(self.path) + clean_stale(self.checkpoints)
 
+    @property
+    def lock_file(self) -> Path:
+        # Beside the run folder, not in it: `prepare_for_training(overwrite=True)` rmtree's the folder
+        # while the lock is held, and a lock file inside would go with it (a second process could then
+        # create and lock a new one). Outside, the folder keeps exactly the files the contract lists.
+        return self.path.parent / f".{self.path.name}.lock"
+
+    def lock(self, purpose: str) -> "RunLock":
+        """Take the run's one-writer lock for `purpose` ('train', 'merge', 'eval', 'baseline'), or raise
+        LlamaLoraError naming the process that holds it. Use as a context manager, or keep the returned
+        RunLock and call release(); the OS drops it when the process dies (even on kill -9)."""
+        return RunLock(self, purpose)
+
     def checkpoint_dirs(self) -> list[Path]:
         """Complete checkpoints, oldest first (a complete one has its state file, written last)."""
         if not self.checkpoints.is_dir():
             return []
         done = [p for p in self.checkpoints.glob("step-*") if (p / "trainer_state.json").is_file()]
         return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+class RunLock:
+    """One writer per run directory: an exclusive, non-blocking flock on `RunDir.lock_file`.
+
+    flock (not a pid file): the kernel releases it when the holder's last descriptor closes, so a
+    crashed or kill -9'd process never leaves a stale lock, and locks belong to the open file
+    description, so a second lock in the same process conflicts too (experiment runs trainings one
+    after another in one process: each releases before the next). The file is never deleted (deleting
+    would race with a process that has just opened it); it holds the holder's pid, purpose and start
+    time, only for the message. Where flock does not exist (Windows) this is a no-op.
+    """
+
+    def __init__(self, run_dir: RunDir, purpose: str):
+        self.path, self.purpose, self._fd = run_dir.lock_file, purpose, None
+        if fcntl is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise LlamaLoraError(
+                f"Cannot write to the output directory {self.path.parent} ({e.strerror}): the run lock "
+                f"{self.path.name} cannot be created there. Choose a writable output_dir=... ."
+            ) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            how = ("Wait for it to finish, stop it, or choose another run_name=..." if purpose == "train"
+                   else f"Wait for it to finish or stop it, then run `{purpose}` again.")
+            raise LlamaLoraError(
+                f"Run directory {run_dir.path} is in use by another llama-lora process (pid "
+                f"{holder.get('pid', '?')}, `{holder.get('purpose', '?')}`, since {holder.get('since', '?')}). {how}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "purpose": purpose, "since": time.strftime("%H:%M:%S"),
+                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode() + b"\n", 0)
+        self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # no holder to name any more
+            os.close(fd)  # closing the last descriptor drops the flock
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _lock_holder(fd: int) -> dict[str, Any]:
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}  # the holder took the lock a moment ago and has not written its line yet
 
 
 def write_text(path: Path, text: str) -> None:
@@ -213,3 +297,28 @@ def latest_finished_run(output_dir: str | Path) -> RunDir:
             "or pass infer.run_dir=<run directory>."
         )
     return max(runs, key=lambda r: r.status_file.stat().st_mtime)
+
+
+# What a cache must be keyed by: the files it was computed from, not their path. Weights can be GBs, so a
+# file counts by name, size, mtime_ns and a hash of three samples of its bytes (start, middle, end):
+# save_pretrained over the same path changes the mtime (and, for new weights, the sampled bytes).
+_SAMPLE = 64 * 1024
+
+
+def fingerprint(path: str | Path) -> str:
+    """A short digest of the files under `path` (a file or a directory), cheap even for large weights."""
+    import hashlib
+
+    root = Path(path).expanduser()
+    files = ([root] if not root.is_dir() else  # hidden files (.cache/, locks) are not content
+             sorted(p for p in root.rglob("*") if p.is_file() and not any(
+                 part.startswith(".") for part in p.relative_to(root).parts)))
+    h = hashlib.sha256()
+    for f in files[:10_000]:
+        st = f.stat()  # follows symlinks: a hub snapshot's files point at content-named blobs
+        h.update(f"{f.relative_to(root) if f != root else f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        with open(f, "rb") as fh:
+            for offset in sorted({0, max(0, st.st_size // 2 - _SAMPLE // 2), max(0, st.st_size - _SAMPLE)}):
+                fh.seek(offset)
+                h.update(fh.read(_SAMPLE))
+    return f"{len(files)} files, sha256:{h.hexdigest()[:16]}"

@@ -20,6 +20,13 @@ log = logging.getLogger("llama_lora.baseline")
 
 
 def run(cfg: Config) -> dict:
+    if cfg.infer.run_dir is None:  # the configured base: writes <output_dir>/baseline-<preset>.json
+        return _baseline(cfg)
+    with runs.writing_into(cfg, "baseline") as pinned:  # one writer per run while <run>/baseline.json is written
+        return _baseline(pinned)
+
+
+def _baseline(cfg: Config) -> dict:
     if cfg.infer.run_dir is not None:
         loaded = runs.load(cfg, adapter=False)  # the run's base, tokenizer and prompt format
         out = loaded.target / "baseline.json"

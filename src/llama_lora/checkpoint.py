@@ -4,16 +4,20 @@ A checkpoint `checkpoints/step-NNNNNN/` holds the adapter (standard PEFT files),
 scheduler and every process's RNG state, and `trainer_state.json` (a TrainState), written last: a
 folder without it is incomplete and never resumed from. Saves are atomic (artifacts.atomic_dir).
 Under FSDP/DeepSpeed the adapter and optimizer state are gathered whole onto the main process, so a
-checkpoint is the same files whatever the sharding.
+checkpoint is the same files whatever the sharding. Before a resume, `changes_since_start` checks that the
+run is resumed with the settings and data it started with.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import random
 import shutil
+from array import array
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -23,6 +27,7 @@ from safetensors.torch import load_file
 
 from llama_lora import artifacts
 from llama_lora.artifacts import RunDir
+from llama_lora.config.load import config_diff, load_config_file
 from llama_lora.errors import LlamaLoraError
 
 log = logging.getLogger(__name__)
@@ -44,11 +49,56 @@ class TrainState:
     train_loss: float | None = None  # mean step loss of the latest logging window
     window_loss: float = 0.0  # running sum and count of the current logging window
     window_steps: int = 0
+    # What the steps are computed from beyond config.yaml (train.training_inputs): the tokenized training
+    # data, the global batch and the precision that ran. A resume compares it (None: an older checkpoint).
+    inputs: dict | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainState:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def training_inputs(examples: list[dict], global_batch: int, precision: str) -> dict[str, Any]:
+    """What the steps are computed from besides config.yaml's settings: the tokenized training examples
+    (their count and a hash of their token ids and labels: the data, its formatting and truncation),
+    the global batch (over all processes) and the precision that ran. Saved in every checkpoint."""
+    h = hashlib.sha256()
+    for e in examples:
+        ids, labels = array("q", e["input_ids"]), array("q", e["labels"])
+        h.update(len(ids).to_bytes(8, "little") + ids.tobytes() + labels.tobytes())
+    return {"training data": f"{len(examples)} tokenized examples, sha256:{h.hexdigest()[:16]}",
+            "global batch": global_batch, "precision": precision}
+
+
+# Settings a resume may change: they decide where the run is, how it is logged, saved or evaluated, or
+# how the same arithmetic is laid out, not what the steps compute. Everything else (model.*, peft.*,
+# data.*, the schedule, optimizer and seed) defines the run's trajectory and must match its config.yaml.
+RESUME_MAY_CHANGE = (
+    "preset", "run_name", "output_dir", "overwrite",  # name the folder, which is this run's by construction
+    "eval", "infer", "runs", "experiment",  # other commands (eval.batch_size only batches the eval loss)
+    "data.test_split", "data.num_proc",  # the eval command's split; tokenization processes
+    "training.log_every", "training.eval_every", "training.save_every", "training.keep_checkpoints",
+    "training.report_to", "training.wandb_project", "training.resume", "training.resume_despite_changes",
+    "training.debug_nan_at_step",  # a testing knob
+    # Where it runs, and the split of the global batch into micro-batches (memory, not math: the loss is
+    # normalised over the global batch, whose examples the sampler picks from (seed, global batch) alone).
+    # The global batch and the precision that ran are compared instead, in training_inputs().
+    "training.device", "training.precision", "training.micro_batch_size", "training.gradient_accumulation_steps",
+    "training.auto_batch_size", "training.memory_budget_gb", "model.gradient_checkpointing",
+)
+
+
+def changes_since_start(run_dir: RunDir, path: Path, cfg, inputs: dict[str, Any]) -> list[str]:
+    """What differs between the run as it started (its config.yaml; the inputs saved in the checkpoint
+    at `path`) and the config and training_inputs() about to resume it: the one resume-compatibility check."""
+    changes = []
+    if run_dir.config.is_file():  # written by train.start() before the first checkpoint
+        changes = config_diff(load_config_file(run_dir.config), cfg, RESUME_MAY_CHANGE)
+    saved = TrainState.from_dict(artifacts.read_json(path / STATE_FILE)).inputs
+    if saved is not None:  # None: a checkpoint from before inputs were recorded
+        changes += config_diff(saved, inputs)
+    return changes
 
 
 def is_fsdp(model: torch.nn.Module) -> bool:

@@ -37,6 +37,13 @@ def cached_baseline(run_dir: Path, cfg: Config, wanted: dict) -> dict | None:
 
 
 def run(cfg: Config) -> dict:
+    # One writer per run while baseline.json/eval.json are written: an eval of a run that a train
+    # (overwrite=true) or merge is writing is refused, and they refuse meanwhile.
+    with runs.writing_into(cfg, "eval") as pinned:
+        return _evaluate(pinned)
+
+
+def _evaluate(cfg: Config) -> dict:
     loaded = runs.load(cfg)
     if not loaded.has_adapter:
         raise LlamaLoraError(

@@ -27,7 +27,8 @@ from typing import Any
 
 from llama_lora import artifacts
 from llama_lora.artifacts import RunDir
-from llama_lora.config.load import compose_dict, from_dict, load_config, load_config_file, parse_overrides
+from llama_lora.config.load import (compose_dict, config_diff, from_dict, load_config, load_config_file,
+                                    parse_overrides)
 from llama_lora.config.schema import Config, SearchRange
 from llama_lora.errors import LlamaLoraError
 from llama_lora.report import COLUMNS, LOWER_IS_BETTER, run_name, summarize, write_tables
@@ -130,33 +131,16 @@ def compose_run(base: Config, overrides: list[str]) -> Config:
 
 def _check_same_config(run_dir: RunDir, cfg: Config) -> None:
     """A finished run is reused only if it was trained with this very configuration."""
-    old = _flatten(_training_part(load_config_file(run_dir.config).model_dump(mode="json")))
-    new = _flatten(_training_part(cfg.model_dump(mode="json")))
+    ignore = NOT_TRAINING
     if cfg.training.auto_batch_size or cfg.training.micro_batch_size == "auto":
         # config.yaml records the split that ran (the planner's, or the number 'auto' stands for)
-        for key in ("training.micro_batch_size", "training.gradient_accumulation_steps"):
-            old.pop(key, None), new.pop(key, None)
-    diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(old.keys() | new.keys())
-            if old.get(k) != new.get(k)]
+        ignore += ("training.micro_batch_size", "training.gradient_accumulation_steps")
+    diff = config_diff(load_config_file(run_dir.config), cfg, ignore)
     if diff:
         raise LlamaLoraError(
             f"{run_dir.path} holds a finished run trained with another configuration ({'; '.join(diff[:4])}). "
             "Give this experiment another folder (experiment.name=...), or pass overwrite=true to retrain."
         )
-
-
-def _training_part(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k not in NOT_TRAINING}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _train(cfg: Config) -> None:
@@ -228,7 +212,8 @@ def _evaluate(cfg: Config, run_dir: RunDir, exp_dir: Path, reuse: bool) -> float
 
     eval_file = run_dir.path / "eval.json"
     result = artifacts.read_json(eval_file) if reuse and eval_file.is_file() else None
-    if result and result.get("settings", {}).get("max_new_tokens") != cfg.eval.max_new_tokens:
+    # Reused only if scored with everything that changes the numbers as now, base weights and data files included.
+    if result and result.get("settings") != _eval_settings(cfg, run_dir):
         result = None
     if result is None:
         eval_cfg = cfg.model_copy(deep=True)
@@ -241,6 +226,17 @@ def _evaluate(cfg: Config, run_dir: RunDir, exp_dir: Path, reuse: bool) -> float
             artifacts.write_json(shared, {"settings": result["settings"], "baseline": result["baseline"]})
     em = (result.get("finetuned") or {}).get("exact_match")
     return em["overall"] if em else None
+
+
+def _eval_settings(cfg: Config, run_dir: RunDir) -> dict | None:
+    """The settings `eval` of this run would record now (scoring.settings), without loading the model."""
+    from llama_lora import runs
+    from llama_lora.data import PromptFormat
+    from llama_lora.scoring import settings
+
+    if not run_dir.prompt.is_file():
+        return None
+    return settings(cfg, runs.base_model_of(run_dir.path, cfg), PromptFormat(**artifacts.read_json(run_dir.prompt)))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -63,6 +63,14 @@ def run(cfg: Config) -> Path:
         raise LlamaLoraError(f"{target} has no adapter to merge (it is already a standalone model). "
                              "Give merge a run directory with adapter/.")
     run_dir = RunDir(target)
+    # One writer per run: a second merge (or a train overwrite / eval) of this run is refused while
+    # this one loads, checks and writes <run>/merged.
+    with run_dir.lock("merge"):
+        return _merge(cfg, run_dir, t0)
+
+
+def _merge(cfg: Config, run_dir: RunDir, t0: float) -> Path:
+    target = run_dir.path
     dtype = base_dtype(runs.base_model_of(target, cfg), cfg)
     runtime = runs.inference_runtime(cfg, dtype)  # merged in the base checkpoint's own dtype
     loaded = runs.load(cfg, runtime=runtime)

@@ -10,6 +10,7 @@ as in training.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -110,6 +111,19 @@ def _check_applicable(command: str, overrides: list[str], target: Path) -> None:
             f"config.yaml), so these would be ignored. `{command}` accepts {accepted}. "
             "To train with other settings, run `llama-lora train` with them."
         )
+
+
+@contextlib.contextmanager
+def writing_into(cfg: Config, purpose: str):
+    """Yield cfg with its target resolved once (so "the latest finished run" cannot change meanwhile) and,
+    for a run directory, that run locked for `purpose` (one writer per run: artifacts.RunDir.lock)."""
+    target = resolve(cfg.infer.run_dir, cfg.output_dir)
+    pinned = cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"run_dir": str(target)})})
+    if not is_run_dir(target):  # a merged model: nothing of a run is written
+        yield pinned
+        return
+    with RunDir(target).lock(purpose):
+        yield pinned
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -8,13 +8,14 @@ collation and the loss function of training).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from llama_lora import data as data_lib
-from llama_lora.config.schema import Config
+from llama_lora import artifacts, data as data_lib
+from llama_lora.config.schema import EMBEDDED, Config
 from llama_lora.data import make_collate, tokenize_dataset
 from llama_lora.generation import generate_batched, generation_config
 from llama_lora.loss import response_loss_sum
@@ -27,16 +28,51 @@ def held_out_split(cfg: Config):
 
 
 def settings(cfg: Config, base_model: str, fmt) -> dict:
-    """Everything that changes the numbers: two results are comparable only if these are equal."""
+    """Everything that changes the numbers: two results are comparable only if these are equal.
+
+    Paths and ids name what was scored, the fingerprints say which contents: a base model saved again at
+    the same path, or an edited test file, makes a cached result stale.
+    """
     d = cfg.data
     return {
         "base_model": base_model,
-        "data": {"source": d.source, "test_split": d.test_split, "eval_split": d.eval_split,
+        "base_model_fingerprint": model_fingerprint(base_model, cfg.model.revision),
+        "data": {"source": d.source, "fingerprint": data_fingerprint(d.source),
+                 "test_split": d.test_split, "eval_split": d.eval_split,
                  "eval_fraction": d.eval_fraction, "seed": cfg.training.seed, "columns": d.columns.model_dump(),
                  "max_eval_examples": d.max_eval_examples, "max_seq_length": d.max_seq_length},
         "prompt": fmt.to_dict(),
         "max_new_tokens": cfg.eval.max_new_tokens,
     }
+
+
+def model_fingerprint(base_model: str, revision: str | None = None) -> str:
+    """Which weights `base_model` (a resolved local path or a hub id) holds: its files' fingerprint; for a hub
+    id the snapshot in the local hub cache (named by its commit) if there is one, else the id and revision."""
+    path = Path(base_model).expanduser()
+    if path.is_dir():
+        return artifacts.fingerprint(path)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(base_model, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - not a valid repo id: fall back to the name
+        cached = None
+    if isinstance(cached, str):
+        snapshot = Path(cached).parent
+        return f"{base_model}@{snapshot.name}: {artifacts.fingerprint(snapshot)}"
+    return f"{base_model}@{revision or 'default'}"
+
+
+def data_fingerprint(source: str) -> str:
+    """Which contents the data source holds: a local file's or folder's fingerprint; the embedded data is
+    built by this project into a folder named by its recipe version; a hub id stands for itself."""
+    if source == EMBEDDED:
+        from llama_lora.embedded import DATASET_DIRNAME
+
+        return DATASET_DIRNAME
+    path = Path(source).expanduser()
+    return artifacts.fingerprint(path) if path.exists() else source
 
 
 @torch.no_grad()
@@ -87,19 +123,23 @@ def evaluate_split(model, tokenizer, fmt, ds, cfg, device) -> dict:
                            cfg.eval.batch_size, device)
     result["examples"] = len(examples)
     cols = cfg.data.columns
-    rows = [r for r in ds if str(r.get(cols.instruction) or "").strip() and str(r.get(cols.output) or "").strip()]
+    rows = [r for r in ds if data_lib.field_text(r.get(cols.instruction), cols.instruction).strip()
+            and data_lib.field_text(r.get(cols.output), cols.output).strip()]
     checkable = "task" in ds.column_names
     gen_rows = rows if checkable else rows[: cfg.eval.num_samples]
-    prompts = [fmt.prompt(tokenizer, str(r[cols.instruction]).strip(), str(r.get(cols.input) or "").strip())
+    prompts = [fmt.prompt(tokenizer, data_lib.field_text(r[cols.instruction], cols.instruction).strip(),
+                          data_lib.field_text(r.get(cols.input), cols.input).strip())
                for r in gen_rows]
     gen = generation_config(model, tokenizer, cfg.eval.max_new_tokens)
     predictions = [p.strip() for p in generate_batched(model, tokenizer, prompts, gen, cfg.eval.batch_size)]
-    references = [str(r[cols.output]).strip() for r in gen_rows]
+    references = [data_lib.field_text(r[cols.output], cols.output).strip() for r in gen_rows]
     result["exact_match"] = (
-        exact_match_scores(predictions, references, [str(r["task"]) for r in gen_rows]) if checkable else None
+        exact_match_scores(predictions, references, [data_lib.field_text(r["task"], "task") for r in gen_rows])
+        if checkable else None
     )
     result["samples"] = [
-        {"instruction": str(r[cols.instruction]).strip(), "input": str(r.get(cols.input) or "").strip(),
+        {"instruction": data_lib.field_text(r[cols.instruction], cols.instruction).strip(),
+         "input": data_lib.field_text(r.get(cols.input), cols.input).strip(),
          "reference": ref, "prediction": pred}
         for r, ref, pred in list(zip(gen_rows, references, predictions))[: cfg.eval.num_samples]
     ]

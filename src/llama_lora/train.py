@@ -47,15 +47,16 @@ log = logging.getLogger("llama_lora.train")
 
 def run(cfg: Config) -> Path:
     t_start = time.time()
-    s = setup(cfg)  # runtime, run directory, data, model + adapter, batch split, optimizer
-    state = resume(s)  # the newest checkpoint's state, or a fresh one
-    start(s, state)  # config.yaml (the config that runs), prompt.json, run.json, trackers
-    if state.eval_loss_before is None:
-        state.eval_loss_before = evaluate(s)
-        log.info("Eval loss before training: %.4f", state.eval_loss_before)
-        tracking.log(s.trackers, {"eval/loss": state.eval_loss_before}, 0)
-    train_loop(s, state)  # to the last step, or checkpoint and exit on a signal
-    finish(s, state, t_start)  # adapter, tokenizer, metrics; the checkpoints go
+    with contextlib.ExitStack() as held:  # the run lock (one writer per run), released however run() ends
+        s = setup(cfg, held)  # runtime, run directory (locked), data, model + adapter, batch split, optimizer
+        state = resume(s)  # the newest checkpoint's state, or a fresh one
+        start(s, state)  # config.yaml (the config that runs), prompt.json, run.json, trackers
+        if state.eval_loss_before is None:
+            state.eval_loss_before = evaluate(s)
+            log.info("Eval loss before training: %.4f", state.eval_loss_before)
+            tracking.log(s.trackers, {"eval/loss": state.eval_loss_before}, 0)
+        train_loop(s, state)  # to the last step, or checkpoint and exit on a signal
+        finish(s, state, t_start)  # adapter, tokenizer, metrics; the checkpoints go
     return s.run_dir.path
 
 
@@ -85,13 +86,15 @@ class Session:
     sharded: bool  # FSDP or DeepSpeed
     last_checkpoint: str | None = None
     trackers: list[GeneralTracker] = field(default_factory=list)
+    inputs: dict[str, Any] = field(default_factory=dict)  # training_inputs(): what a resume must find unchanged
+    resume_changes: list[str] = field(default_factory=list)  # what changed, when resumed despite changes
 
 
 # ----------------------------------------------------------------------------------------------------
 # Setup
 
 
-def setup(cfg: Config) -> Session:
+def setup(cfg: Config, held: contextlib.ExitStack) -> Session:
     tc = cfg.training
     runtime = model_lib.choose_runtime(tc, cfg.model, model_lib.probe_capabilities())
     accelerator = Accelerator(
@@ -106,7 +109,7 @@ def setup(cfg: Config) -> Session:
     _configure_rank_logging(accelerator)
 
     # A finished run is never silently overwritten; an unfinished one is resumed.
-    run_dir = _prepare_run_dir(cfg, accelerator)
+    run_dir = _prepare_run_dir(cfg, accelerator, held)
     if accelerator.is_main_process:
         _add_file_log(run_dir.log)
     log.info("Run directory %s", run_dir.path)
@@ -169,7 +172,7 @@ def setup(cfg: Config) -> Session:
         data_stats={"train": train_stats, "eval": eval_stats},
         collate=data_lib.make_collate(cfg.data.packing, tokenizer.pad_token_id), model=model, params=params,
         optimizer=optimizer, scheduler=scheduler, sampler=sampler, total_steps=total_steps, trainable=trainable,
-        total=total, sharded=sharded,
+        total=total, sharded=sharded, inputs=checkpoint.training_inputs(train_examples, sampler.global_batch, runtime.precision),
     )
 
 
@@ -177,14 +180,29 @@ def resume(s: Session) -> TrainState:
     """The newest complete checkpoint of this run restored into the model and optimizer, else step 0."""
     checkpoints = s.run_dir.checkpoint_dirs()
     if not checkpoints or s.cfg.training.resume != "auto":
-        return TrainState()
+        return TrainState(inputs=s.inputs)
     if s.accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise LlamaLoraError(
             f"{s.run_dir.path} holds checkpoints, but resuming a DeepSpeed run is not supported (its optimizer "
             "state lives inside the engine). Resume with FSDP or DDP (configs/accelerate/), use a checkpoint's "
             "adapter as is, or start again with overwrite=true."
         )
+    # Checked before anything is loaded or written: a refused resume leaves the run as it was.
+    changes = checkpoint.changes_since_start(s.run_dir, checkpoints[-1], s.cfg, s.inputs)
+    if changes and not s.cfg.training.resume_despite_changes:
+        more = f"; and {len(changes) - 4} more" if len(changes) > 4 else ""
+        raise LlamaLoraError(
+            f"{s.run_dir.path} holds an unfinished run started with other settings or data "
+            f"({'; '.join(changes[:4])}{more}); resuming would continue its checkpoint with them. Run with the "
+            "settings it started with (its config.yaml), pass overwrite=true to start it over (or choose another "
+            "run_name=...), or pass training.resume_despite_changes=true to continue from its checkpoint on purpose."
+        )
+    if changes:
+        log.warning("Resuming %s despite changes since it started (training.resume_despite_changes=true): %s",
+                    s.run_dir.path, "; ".join(changes))
+        s.resume_changes = changes
     state = checkpoint.load(checkpoints[-1], s.accelerator.unwrap_model(s.model), s.optimizer, s.scheduler)
+    state.inputs = s.inputs  # what it trains on from here: what the next resume compares with
     s.last_checkpoint = str(checkpoints[-1])
     log.info("Resumed from %s (step %d of %d)", checkpoints[-1], state.step, s.total_steps)
     return state
@@ -198,7 +216,8 @@ def start(s: Session, state: TrainState) -> None:
         artifacts.write_text(s.run_dir.config, to_yaml(cfg))
         artifacts.write_json(s.run_dir.prompt, s.fmt.to_dict())
         s.run_dir.set_status("running", base_model=s.base_path, base_model_id=cfg.model.name_or_path,
-                             pid=os.getpid(), total_steps=s.total_steps)
+                             pid=os.getpid(), total_steps=s.total_steps,
+                             **({"resumed_despite_changes": s.resume_changes} if s.resume_changes else {}))
         # Steps after the checkpoint were (maybe) logged by the killed run and will be logged again: purge them.
         s.trackers = tracking.start(cfg, s.run_dir, purge_step=state.step + 1 if state.step else 0)
     log.info(
@@ -395,7 +414,7 @@ def _configure_rank_logging(accelerator: Accelerator) -> None:
     warnings.filterwarnings("ignore")
 
 
-def _prepare_run_dir(cfg: Config, accelerator: Accelerator) -> RunDir:
+def _prepare_run_dir(cfg: Config, accelerator: Accelerator, held: contextlib.ExitStack) -> RunDir:
     # The default name holds a timestamp, which processes started a second apart would disagree on:
     # the main process picks it and tells the others. It alone checks and creates the folder, and its
     # verdict is shared too, so a refusal stops every process instead of leaving them at a barrier.
@@ -403,6 +422,10 @@ def _prepare_run_dir(cfg: Config, accelerator: Accelerator) -> RunDir:
     run_dir = RunDir(Path(cfg.output_dir) / name)
     try:
         if accelerator.is_main_process:
+            # One writer per run: locked before anything in it is checked, cleaned or written (a second
+            # train/merge/eval of this run is refused, and this run refuses while one of them holds it).
+            # Held until run() returns or raises (or the process dies).
+            held.enter_context(run_dir.lock("train"))
             # A killed save leaves `.X.tmp-PID` (never complete: removed) or `.X.old-PID` (put back).
             for what in run_dir.prepare_for_training(cfg.overwrite, cfg.training.resume):
                 log.info("Cleaned up after an interrupted save in %s: %s", run_dir.path, what)

@@ -87,7 +87,7 @@ def test_two_process_ddp_equals_one_process(tiny_base, small_data, tmp_path):
     # No run_name: the default one holds a timestamp, and both processes must use the same folder.
     ddp = _launch("torchrun", [*common, "training.gradient_accumulation_steps=2", f"output_dir={tmp_path / 'ddp'}"])
 
-    runs = list((tmp_path / "ddp").iterdir())
+    runs = [p for p in (tmp_path / "ddp").iterdir() if not p.name.startswith(".")]  # not the run's .lock
     assert len(runs) == 1, runs
     one, two = tmp_path / "one" / "one", runs[0]
     assert json.loads((two / "run.json").read_text())["status"] == "finished"

@@ -13,8 +13,8 @@ from llama_lora import artifacts, cli
 from llama_lora.artifacts import RunDir
 from llama_lora.errors import LlamaLoraError
 from tests.helpers import (
-    STEPS, TrainProc, assert_curve_continues, assert_same_adapter, assert_same_metrics, data_file, metrics,
-    reference_run, run_to_end, train_args,
+    STEPS, TrainProc, assert_curve_continues, assert_same_adapter, assert_same_metrics, data_file, error_paragraph,
+    metrics, reference_run, run_to_end, train_args,
 )
 
 pytestmark = pytest.mark.slow
@@ -122,3 +122,51 @@ def test_non_finite_loss_stops_cleanly_naming_step_and_last_good_checkpoint(root
     status = RunDir(run).status()
     assert status["status"] == "failed" and "step 5" in status["error"]
     assert status["checkpoint"] == str(run / "checkpoints" / "step-000003")
+
+
+def _run_bytes(run) -> dict[str, str]:
+    """config.yaml, run.json and every checkpoint file, by content hash."""
+    import hashlib
+
+    files = [run / "config.yaml", run / "run.json", *sorted((run / "checkpoints").rglob("*"))]
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}
+
+
+def test_resume_with_other_data_is_refused_naming_it_unless_on_purpose(root, tiny_base, tmp_path, capsys):
+    """Issue 19: a resume with another data.source used to continue silently from the checkpoint and
+    rewrite config.yaml. Now it is refused (exit 2, one paragraph naming what changed, the run untouched);
+    training.resume_despite_changes=true continues on purpose and records the changes in run.json."""
+    data = data_file(root)
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(data.read_text().splitlines(keepends=True)[:40]))
+    run = tmp_path / "run"
+    # An unfinished run with a checkpoint at step 3 (the non-finite guard stops it at step 5), in-process.
+    with pytest.raises(SystemExit):
+        cli.main(train_args(tiny_base, data, tmp_path, "run", "training.debug_nan_at_step=5"))
+    assert [p.name for p in RunDir(run).checkpoint_dirs()] == ["step-000003"]
+    before = _run_bytes(run)
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(train_args(tiny_base, other, tmp_path, "run"))
+    err = error_paragraph(capsys.readouterr().err)
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert f"data.source: '{data}' there, '{other}' now" in err, err
+    assert "training data: '" in err and "tokenized examples" in err  # the data fingerprint differs too
+    assert "overwrite=true" in err and "training.resume_despite_changes=true" in err
+    assert "debug_nan_at_step" not in err  # a knob that does not define the run
+    assert _run_bytes(run) == before, "a refused resume must leave the run as it was"
+
+    with pytest.raises(SystemExit) as exc:  # any field that defines the trajectory, e.g. the learning rate
+        cli.main(train_args(tiny_base, data, tmp_path, "run", "training.learning_rate=5e-4"))
+    err = error_paragraph(capsys.readouterr().err)
+    assert exc.value.code == 2 and "training.learning_rate: 0.001 there, 0.0005 now" in err, err
+    assert "data.source" not in err and _run_bytes(run) == before
+
+    cli.main(train_args(tiny_base, other, tmp_path, "run", "training.resume_despite_changes=true",
+                        "training.log_every=5"))  # a logging knob: no change to name
+    log = (run / "train.log").read_text()
+    assert "Resumed from" in log and "despite changes" in log and "log_every" not in log.split("despite")[-1]
+    status = RunDir(run).status()
+    assert status["status"] == artifacts.FINISHED
+    assert any(c.startswith("data.source:") for c in status["resumed_despite_changes"])

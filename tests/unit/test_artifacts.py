@@ -4,6 +4,8 @@ one (child processes) are in tests/integration/test_killed_saves.py."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from llama_lora import artifacts
@@ -82,3 +84,48 @@ def test_free_space_check(tmp_path):
     msg = str(e.value)
     assert "Not enough free disk space" in msg and str(tmp_path) in msg and "MiB needed" in msg
     assert "Free some space or change output_dir" in msg
+
+
+# ---- one writer per run: the run lock (a second process is in tests/integration/test_run_lock.py)
+
+
+def test_run_lock_refuses_a_second_writer_and_names_the_first(tmp_path):
+    run = RunDir(tmp_path / "out" / "dup")
+    with run.lock("train") as first:
+        assert first.held and run.lock_file == tmp_path / "out" / ".dup.lock"
+        assert not run.path.exists()  # beside the run folder: nothing is created in it
+        # A second open file description, in this very process: flock refuses it as it would another process.
+        with pytest.raises(LlamaLoraError) as e:
+            run.lock("merge")
+        msg = str(e.value)
+        assert f"Run directory {run.path} is in use by another llama-lora process" in msg
+        assert f"(pid {os.getpid()}, `train`, since " in msg and "choose another run_name=" not in msg
+        assert "then run `merge` again" in msg
+        with pytest.raises(LlamaLoraError, match="choose another run_name="):
+            run.lock("train")
+    assert not first.held
+    with run.lock("eval"):  # released: the next writer gets it
+        pass
+    first.release()  # releasing twice is harmless
+
+
+def test_run_lock_survives_overwrite_and_leaves_the_run_folder_contract_alone(tmp_path):
+    run = RunDir(tmp_path / "dup")
+    run.path.mkdir()
+    write_json(run.status_file, {"status": "finished"})
+    (run.adapter).mkdir()
+    write_json(run.adapter / "adapter_config.json", {})
+    with run.lock("train"):
+        run.prepare_for_training(overwrite=True, resume="auto")  # rmtree's the folder; the lock is outside
+        assert run.lock_file.is_file() and sorted(p.name for p in run.path.iterdir()) == []
+        with pytest.raises(LlamaLoraError, match="in use by another llama-lora process"):
+            run.lock("train")
+    assert artifacts.clean_stale(tmp_path) == [] and run.lock_file.is_file()  # not a stale save: kept
+    with pytest.raises(LlamaLoraError, match="No finished run"):
+        artifacts.latest_finished_run(tmp_path)
+
+
+def test_run_lock_in_an_unwritable_place_is_a_user_error(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(LlamaLoraError, match="Cannot write to the output directory"):
+        RunDir(tmp_path / "a_file" / "sub" / "run").lock("train")

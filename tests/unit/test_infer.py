@@ -133,3 +133,15 @@ def test_input_file_validation(tmp_path):
     bad.write_text(json.dumps({"output": "x"}) + "\n")
     with pytest.raises(LlamaLoraError, match="neither an 'instruction' nor a 'prompt'"):
         infer.read_prompts(bad)
+
+
+def test_input_file_values_follow_the_data_rule(tmp_path):
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps({"prompt": ""}) + "\n")
+    with pytest.raises(LlamaLoraError, match="line 1: the prompt is empty"):
+        infer.read_prompts(f)
+    f.write_text(json.dumps({"instruction": "ok"}) + "\n" + json.dumps({"instruction": 5, "input": ["x"]}) + "\n")
+    with pytest.raises(LlamaLoraError, match=r"line 2: field 'input' holds a list \(\['x'\]\), not text"):
+        infer.read_prompts(f)
+    f.write_text(json.dumps({"instruction": 5, "input": 2.5}) + "\n" + json.dumps({"prompt": "Hi", "id": [1]}) + "\n")
+    assert infer.read_prompts(f) == [{"instruction": "5", "input": "2.5"}, {"prompt": "Hi", "id": [1]}]

@@ -120,5 +120,27 @@ def load_config_file(path: str | Path) -> Config:
     return from_dict(yaml.safe_load(path.read_text()) or {})
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'training': {'seed': 1}} -> {'training.seed': 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: Config | dict, new: Config | dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The fields that differ, each "key: OLD there, NOW now"; a key in `ignore`, or under one ('eval'
+    covers eval.*), is not compared. Dicts are compared as given (flattened), so callers can add keys."""
+    def leaves(c: Config | dict) -> dict[str, Any]:
+        flat = flatten(c.model_dump(mode="json") if isinstance(c, Config) else c)
+        return {k: v for k, v in flat.items() if not any(k == i or k.startswith(f"{i}.") for i in ignore)}
+
+    a, b = leaves(old), leaves(new)
+    return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -178,6 +178,10 @@ class TrainingConfig(_Strict):
     resume: Literal["auto", "never"] = Field(
         "auto", description="'auto' continues an unfinished run of the same name from its newest checkpoint."
     )
+    resume_despite_changes: bool = Field(
+        False, description="Continue from the checkpoint even when the settings or data that define the run "
+        "changed since it started (otherwise such a resume is refused, naming the changes).",
+    )
     device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="'auto': CUDA, then MPS, then CPU.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="'auto': bf16 where supported, fp16 with loss scaling on older CUDA, fp32 on CPU/MPS."
