@@ -50,6 +50,8 @@ def run(cfg: Config) -> dict[str, Any]:
             "sweep with -m (llama-lora experiment -m peft=lora,dora peft.r=4,8), or set "
             "experiment.search.n_trials and experiment.search.space for an Optuna search."
         )
+    if not search.n_trials:
+        _check_run_configs(cfg)  # every run's config before any run trains: a typo fails in seconds
     exp_dir.mkdir(parents=True, exist_ok=True)
     log.info("Experiment %s: %s", exp_dir,
              f"Optuna search, {search.n_trials} trials" if search.n_trials else f"{len(cfg.runs)} runs")
@@ -114,6 +116,24 @@ def run_one(base: Config, exp_dir: Path, name: str, overrides: list[str], rows: 
             log.error("Run %s: evaluation failed: %s", name, row["error"])
             _free_memory()
     return row
+
+
+def _check_run_configs(cfg: Config) -> None:
+    """Compose and validate every run's config; refuse the experiment, naming each invalid run, before
+    anything trains (a failure *during* a run is still recorded in its row while the others go on)."""
+    bad = {}
+    for name, overrides in cfg.runs.items():
+        try:
+            compose_run(cfg, overrides)
+        except LlamaLoraError as e:
+            bad[name] = _one_line(e)
+    if bad:
+        listed = "; ".join(f"run {name}: {error}" for name, error in list(bad.items())[:4])
+        more = f"; and {len(bad) - 4} more" if len(bad) > 4 else ""
+        raise LlamaLoraError(
+            f"{len(bad)} of {len(cfg.runs)} runs of this experiment have an invalid configuration, so nothing "
+            f"was trained ({listed}{more}). Fix or drop those overrides and run the same command again."
+        )
 
 
 def compose_run(base: Config, overrides: list[str]) -> Config:

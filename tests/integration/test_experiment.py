@@ -166,23 +166,32 @@ def test_rerun_skips_finished_runs_and_redoes_failed_ones(grid):
     assert [r["status"] for r in csv.DictReader(open(exp_dir / "summary.csv"))] == ["skipped", "finished"]
 
 
+def test_a_sweep_with_an_invalid_run_trains_nothing(tmp_path, tiny_base, small_data):
+    """peft.r=0 is invalid: every run's config is checked before any run trains (issue 19, kind 7)."""
+    proc = run_cli("experiment", "-m", "peft.r=4,0", *tiny_overrides(tiny_base, small_data, tmp_path),
+                   "experiment.evaluate=false", check=False)
+    err = " ".join(proc.stderr.split())  # the paragraph as one line (the CLI wraps it at 100 columns)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in err
+    assert "1 of 2 runs of this experiment have an invalid configuration, so nothing was trained" in err
+    assert "run peft.r=0: Invalid configuration: peft.r = 0 is invalid" in err
+    assert not (tmp_path / "default").exists()  # no run folder, no summary: nothing started
+
+
 @pytest.mark.slow
 def test_sweep_with_broken_runs_finishes_the_others(tmp_path, tiny_base, small_data):
-    # peft.r=0 is an invalid value (fails before training); debug_nan_at_step=3 fails *during* training.
-    proc = run_cli("experiment", "-m", "peft.r=4,0", "training.debug_nan_at_step=null,3",
+    # debug_nan_at_step=3 fails *during* training: recorded in its row, the other run goes on.
+    proc = run_cli("experiment", "-m", "peft.r=4", "training.debug_nan_at_step=null,3",
                    *tiny_overrides(tiny_base, small_data, tmp_path), "experiment.evaluate=false", check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "3 of 4 runs failed" in proc.stderr and "Traceback" not in proc.stderr
+    assert "1 of 2 runs failed" in proc.stderr and "Traceback" not in proc.stderr
     summary = json.loads((tmp_path / "default" / "summary.json").read_text())
     rows = {r["run"]: r for r in summary["runs"]}
-    ok = rows["peft.r=4,training.debug_nan_at_step=null"]
+    ok = rows["training.debug_nan_at_step=null"]
     assert ok["status"] == "finished" and ok["eval_loss"] is not None and not ok["error"]
-    nan = rows["peft.r=4,training.debug_nan_at_step=3"]
+    nan = rows["training.debug_nan_at_step=3"]
     assert nan["status"] == "failed" and "loss became nan at step 3" in nan["error"]
     assert json.loads((tmp_path / "default" / nan["run"] / "run.json").read_text())["status"] == "failed"
-    for bad in ("peft.r=0,training.debug_nan_at_step=null", "peft.r=0,training.debug_nan_at_step=3"):
-        assert rows[bad]["status"] == "failed" and "peft.r = 0 is invalid" in rows[bad]["error"]
-        assert not (tmp_path / "default" / bad).exists()
     assert "| failed |" in (tmp_path / "default" / "summary.md").read_text()
     assert list(json.loads((tmp_path / "default" / "plot_data.json").read_text())["eval_loss"]) == [ok["run"]]
 
