@@ -50,6 +50,35 @@ def tiny_peft_model(dora: bool, dropout: float = 0.0, seed: int = 0, r: int = 4,
     return model
 
 
+def bf16_lean_model(llama_cfg: dict, policy, dora: bool, r: int, b_std: float, device: str = "cpu"):
+    """A bf16 Llama with fp32 LoRA/DoRA adapters on all 7 linear layers of its 2 blocks, built with PEFT's
+    LoraConfig and, with a LeanPolicy, lean.register/attach directly (what apply_adapter does): the
+    autocast comparison of the lean step with PEFT (tests/unit/test_lean_adapter.py on CPU,
+    tests/gpu/test_cuda.py under CUDA). B is randomised (zero at init would hide adapter errors)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from llama_lora import lean
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(LlamaConfig(**llama_cfg), dtype=torch.bfloat16,
+                                            attn_implementation="sdpa").to(device)
+    base.config.use_cache = False
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", use_dora=dora)
+    if policy is not None:
+        lean.register(config)
+    model = get_peft_model(base, config)
+    if policy is not None:
+        assert lean.attach(model, policy) == 14
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, b_std)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # fp32 adapters
+    model.train()
+    return model
+
+
 def forward_backward(model, ids):
     """(logits, {name: grad}) of one forward and backward of a squared-logits loss."""
     model.zero_grad(set_to_none=True)

@@ -53,31 +53,15 @@ def test_flash_varlen_matches_per_example_attention():
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_lean_step_matches_peft_under_bf16_autocast(dora):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from llama_lora import lean
     from llama_lora.attention import use_varlen_attention
+    from tests.helpers import bf16_lean_model
+
+    shape = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
 
     def build(policy):
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
-        base = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
-        base.config.use_cache = False
-        config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=dora)
-        if policy is not None:
-            lean.register(config)
-        model = get_peft_model(base, config)
-        if policy is not None:
-            assert lean.attach(model, policy) == 14
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05)
-        assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # fp32 adapters
-        model.train()
-        return model
+        return bf16_lean_model(shape, policy, dora, r=8, b_std=0.05, device="cuda")
 
     ref_model = build(None)
     model = build(lean.LeanPolicy(lean=True))

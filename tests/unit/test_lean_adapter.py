@@ -9,14 +9,14 @@ import logging
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from llama_lora import lean
 from llama_lora.config.schema import PeftConfig
 from llama_lora.lean import LeanLinear, LeanPolicy, functions, native
 from llama_lora.lean.functions import dropout_keep, lean_linear
-from tests.helpers import LEAN_CFG, forward_backward, tiny_peft_model
+from tests.helpers import LEAN_CFG, bf16_lean_model, forward_backward, tiny_peft_model
 
 LOW_RANK, MERGED_POLICY = LeanPolicy(lean=True), LeanPolicy(lean=True, merged=True)
 MERGED = pytest.mark.parametrize("merged", [False, True], ids=["low-rank", "merged"])
@@ -345,25 +345,10 @@ def test_merged_step_trains_like_peft(dora):
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_lean_step_under_bf16_autocast_matches_peft(dora, merged):
     """The autocast path (bf16 weights, fp32 adapters, casts inside the lean step, shared A matmul) on
-    CPU; tests/gpu runs the same comparison under CUDA autocast. Built here with PEFT's LoraConfig and
-    lean.register/attach directly (what apply_adapter does)."""
+    CPU; tests/gpu runs the same comparison under CUDA autocast (tests.helpers.bf16_lean_model)."""
 
     def build(policy):
-        torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_config(LlamaConfig(**LEAN_CFG), dtype=torch.bfloat16)
-        base.config.use_cache = False
-        config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=dora)
-        if policy is not None:
-            lean.register(config)
-        model = get_peft_model(base, config)
-        if policy is not None:
-            assert lean.attach(model, policy) == 14
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1)
-        model.train()
-        return model
+        return bf16_lean_model(LEAN_CFG, policy, dora, r=4, b_std=0.1)
 
     ids = torch.randint(0, 101, (2, 23))
 
