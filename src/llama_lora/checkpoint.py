@@ -86,6 +86,7 @@ RESUME_MAY_CHANGE = (
     # The global batch and the precision that ran are compared instead, in training_inputs().
     "training.device", "training.precision", "training.micro_batch_size", "training.gradient_accumulation_steps",
     "training.auto_batch_size", "training.memory_budget_gb", "model.gradient_checkpointing",
+    "training.loss_chunk_size",  # the same loss and gradients, computed in chunks (loss.py)
 )
 
 

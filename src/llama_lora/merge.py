@@ -4,6 +4,12 @@ The result is a standalone model (safetensors, the base model's dtype, tokenizer
 included) that plain `AutoModelForCausalLM.from_pretrained` loads. Before it becomes visible the
 saved model is reloaded from disk and its logits on sample prompts are compared with base+adapter;
 beyond a dtype-appropriate tolerance the merge is refused and nothing is left behind.
+
+A run trained on a quantized base (model.quantization nf4/fp4/int8) is merged into its base dequantized
+to the merge dtype: re-quantizing W + s B A would round most of the update away (the quality drop of
+peft#2368, peft#2321). Two differences are printed and recorded in merge.json: the merged model vs the
+dequantized base + adapter (the merge itself: verified against the tolerance) and vs the quantized base +
+adapter, the model that was trained (what dequantizing changes: measured and shown, not a pass/fail).
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from llama_lora.config.schema import Config
 from llama_lora.errors import LlamaLoraError
 
 log = logging.getLogger("llama_lora.merge")
+
+# Written last into <run>/merged: a `merged` folder without it is not ours to replace.
+MARKER = "merge.json"
 
 # Largest allowed |merged - unmerged| logit difference, relative to the largest |logit|. Merging only
 # reorders floating-point sums in fp32 (W x + B A x vs (W + B A) x); in bf16/fp16 the merged weight is
@@ -62,17 +71,41 @@ def run(cfg: Config) -> Path:
     if not runs.is_run_dir(target):
         raise LlamaLoraError(f"{target} has no adapter to merge (it is already a standalone model). "
                              "Give merge a run directory with adapter/.")
+    cfg = _base_quantization(cfg, target)
     run_dir = RunDir(target)
+    artifacts.check_replaceable(run_dir.merged, MARKER)  # a `merged` of the user's own: refused before any work
     # One writer per run: a second merge (or a train overwrite / eval) of this run is refused while
     # this one loads, checks and writes <run>/merged.
     with run_dir.lock("merge"):
         return _merge(cfg, run_dir, t0)
 
 
+def _base_quantization(cfg: Config, target: Path) -> Config:
+    """cfg with model.quantization set to what the run trained on (its config.yaml), the base merge loads.
+
+    On merge, model.quantization names the output: 'none' (what merge writes) or the run's own value are
+    accepted; asking for any other is asking for a quantized output, refused before anything is written.
+    """
+    from llama_lora.config.load import load_config_file
+
+    cfg_file = target / "config.yaml"
+    trained = load_config_file(cfg_file).model.quantization if cfg_file.is_file() else "none"
+    asked = cfg.model.quantization
+    if asked not in ("none", trained):
+        raise LlamaLoraError(
+            f"merge cannot write a quantized model (model.quantization={asked}): it writes the merged weights "
+            f"in full precision (the run's base is {trained if trained != 'none' else 'not quantized'}), because "
+            "quantizing W + s*B*A after merging rounds most of the adapter's update away. Merge without "
+            "model.quantization, then load the merged model quantized where you use it (e.g. transformers' "
+            "BitsAndBytesConfig), or keep the adapter separate on a quantized base. Nothing was written.")
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"quantization": trained})})
+
+
 def _merge(cfg: Config, run_dir: RunDir, t0: float) -> Path:
     target = run_dir.path
     dtype = base_dtype(runs.base_model_of(target, cfg), cfg)
     runtime = runs.inference_runtime(cfg, dtype)  # merged in the base checkpoint's own dtype
+    quantization = runtime.quantization
     loaded = runs.load(cfg, runtime=runtime)
     model, tokenizer, fmt, base = loaded.model, loaded.tokenizer, loaded.fmt, loaded.base_model
     tokenizer.padding_side = "right"
@@ -83,12 +116,25 @@ def _merge(cfg: Config, run_dir: RunDir, t0: float) -> Path:
         adapter_effect = float((sample_logits(model, batch) - reference).abs().max())
     method = "DoRA" if getattr(model.peft_config["default"], "use_dora", False) else "LoRA"
     tied_head = _adapts_tied_head(model)
+    trained_reference = None
+    if quantization != "none":
+        # What was trained: the quantized base + adapter. Then the same adapter on the base dequantized to
+        # the merge dtype, which is what gets merged (PEFT's own merge on a bitsandbytes layer re-quantizes).
+        trained_reference = reference
+        plain_base = model.unload()  # the adapter layers out, the bitsandbytes base as it was loaded
+        del model
+        n = model_lib.dequantize_model(plain_base, dtype)
+        log.info("Dequantized %d %s layers of the base to %s for the merge", n, quantization,
+                 str(dtype).removeprefix("torch."))
+        model = runs.load_adapter(plain_base, run_dir.adapter)
+        model.eval()
+        reference = sample_logits(model, batch)  # dequantized base + adapter, unmerged
 
     merged = model.merge_and_unload()
     nbytes = sum(p.numel() * p.element_size() for p in merged.parameters())
     artifacts.clean_stale(run_dir.path)  # a killed earlier merge's `.merged.tmp-PID` (GBs) goes first
     artifacts.check_free_space(target, nbytes + 100 * 2**20)
-    with artifacts.atomic_dir(run_dir.merged) as tmp:
+    with artifacts.atomic_dir(run_dir.merged, MARKER) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         artifacts.write_json(tmp / "prompt.json", fmt.to_dict())
@@ -99,6 +145,7 @@ def _merge(cfg: Config, run_dir: RunDir, t0: float) -> Path:
         reloaded.to(runtime.device).eval()
         got = sample_logits(reloaded, batch)
         diff = float((got - reference).abs().max())
+        vs_trained = None if trained_reference is None else float((got - trained_reference).abs().max())
         scale = max(1.0, float(reference.abs().max()))
         tol = TOLERANCE.get(dtype, 6e-2) * scale
         finite = bool(torch.isfinite(reference).all() and torch.isfinite(got).all())
@@ -107,7 +154,17 @@ def _merge(cfg: Config, run_dir: RunDir, t0: float) -> Path:
             "saved_dtype": str(reloaded.dtype).removeprefix("torch."), "max_abs_logit_diff": diff,
             "tolerance": tol, "logit_scale": scale, "adapter_max_logit_change": adapter_effect,
             "sample_prompts": len(texts), "finite": finite, "seconds": round(time.time() - t0, 1),
+            "quantization": quantization,
         }
+        if vs_trained is not None:
+            report |= {
+                "dequantized_to": report["dtype"],
+                # the merge itself: merged vs the dequantized base + adapter (verified, max_abs_logit_diff)
+                "max_abs_logit_diff_vs_dequantized_base": diff,
+                # what was trained: merged vs the quantized base + adapter (shown, not a pass/fail)
+                "max_abs_logit_diff_vs_quantized_base": vs_trained,
+                "relative_diff_vs_quantized_base": vs_trained / scale,
+            }
         del reloaded
         if not finite or not diff <= tol or report["saved_dtype"] != report["dtype"]:
             raise LlamaLoraError(_failure(report, tied_head))
@@ -117,6 +174,13 @@ def _merge(cfg: Config, run_dir: RunDir, t0: float) -> Path:
              adapter_effect, run_dir.merged)
     print(f"merged model: {run_dir.merged}  ({method}, {report['dtype']}, max |logit diff| {diff:.3g} "
           f"<= tolerance {tol:.3g})")
+    if vs_trained is not None:
+        log.info("The base was %s-quantized in training: the merged model (dequantized to %s) differs from the "
+                 "trained quantized base + adapter by up to %.3g in logits (%.2g%% of the logit scale %.3g)",
+                 quantization, report["dtype"], vs_trained, 100 * vs_trained / scale, scale)
+        print(f"  {quantization} base: max |logit diff| merged vs dequantized base + adapter {diff:.3g} (the merge, "
+              f"verified); merged vs quantized base + adapter (what was trained) {vs_trained:.3g} "
+              f"({100 * vs_trained / scale:.2g}% of the logit scale {scale:.3g}); recorded in merge.json")
     return run_dir.merged
 
 
@@ -144,6 +208,24 @@ def _failure(report: dict, tied_head: bool) -> str:
         " The adapter files may be corrupted or inconsistent with the base model; check them or re-train."
     )
     return f"Merge verification failed: {why}. Nothing was written.{hint}"
+
+
+# --- added for `llama-lora export` (issue #17) ---
+from dataclasses import dataclass  # noqa: E402  (kept inside this block)
+
+
+def merge_into(cfg: Config, dest: Path) -> Path:
+    """Merge cfg's run into the new folder `dest` (not `<run>/merged`), verified exactly as `run` does.
+    For commands that need a merged model only on the way (export); the caller holds the run's lock."""
+    run_dir = RunDir(runs.resolve(cfg.infer.run_dir, cfg.output_dir))
+    return _merge(cfg, _MergeInto(run_dir.path, Path(dest)), time.time())
+
+
+@dataclass(frozen=True)
+class _MergeInto:
+    path: Path  # the run (its stale temporary folders are cleaned, free space is checked there)
+    merged: Path  # where the merged model goes
+# --- end export addition ---
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ class Capabilities:
     flash_attn: bool = False
     world_size: int = 1  # processes started by torchrun / accelerate launch
     glibc: bool = False  # Linux with glibc's malloc (mallopt available)
+    # bitsandbytes importable (model.quantization); None: not probed (choose_runtime probes it on demand)
+    bitsandbytes: bool | None = None
 
 
 def probe_capabilities() -> Capabilities:
@@ -73,6 +75,7 @@ class Runtime:
     tf32: bool
     keep_freed_memory: bool = False  # CPU + glibc: see apply_process_settings
     reason: str = field(default="", compare=False)
+    quantization: str = "none"  # model.quantization: none | nf4 | fp4 | int8 (bitsandbytes)
     # The lean LoRA/DoRA step, decided once for the run (llama_lora.lean.decide; needs the adapter config
     # and whether the model is sharded, so train.py sets it with dataclasses.replace); None: not decided.
     lean: "LeanPolicy | None" = None
@@ -115,6 +118,7 @@ def choose_runtime(training: TrainingConfig, model: ModelConfig, caps: Capabilit
     # Frozen weights are stored in the compute dtype (half the memory); the adapter stays fp32 (PEFT's
     # autocast_adapter_dtype) so its optimizer updates do not underflow.
     model_dtype = _DTYPES[model.dtype] if model.dtype != "auto" else _PRECISION_DTYPE[precision]
+    check_quantization(model.quantization, device, caps)
 
     attn = model.attn_implementation
     # FlashAttention 2 kernels exist for Ampere and newer (cc >= 8.0) and half-precision tensors only.
@@ -133,7 +137,10 @@ def choose_runtime(training: TrainingConfig, model: ModelConfig, caps: Capabilit
     fused_adamw, pin_memory = on_cuda, on_cuda
     tf32 = on_cuda and caps.cuda_capability >= (8, 0)
     grad_scaler = precision == "fp16"
-    keep_freed_memory = device == "cpu" and caps.glibc
+    # Not for a quantized base: bitsandbytes frees a dequantized weight per layer per pass, and a heap that
+    # keeps freed memory held 1-2 GiB more at peak than the tensors need on Llama-3.2-1B's shape
+    # (benchmarks/README.md, "Memory (issue 15)"); a quantized base is chosen to save memory.
+    keep_freed_memory = device == "cpu" and caps.glibc and model.quantization == "none"
 
     if on_cuda:
         where = f"CUDA x{caps.cuda_device_count}, cc {'%d.%d' % caps.cuda_capability}"
@@ -153,9 +160,10 @@ def choose_runtime(training: TrainingConfig, model: ModelConfig, caps: Capabilit
     extras = [name for name, on in (("fp16 loss scaling", grad_scaler), ("fused AdamW", fused_adamw),
                                     ("TF32", tf32), ("pinned memory", pin_memory),
                                     ("malloc keeps freed memory", keep_freed_memory)) if on]
+    quant = "" if model.quantization == "none" else f" ({describe_quantization(model.quantization, precision)})"
     reason = (
         f"device={device} ({where}), precision={precision} (requested {training.precision}), "
-        f"weights={str(model_dtype).removeprefix('torch.')}, attention={attn} "
+        f"weights={str(model_dtype).removeprefix('torch.')}{quant}, attention={attn} "
         f"(flash-attn {'installed' if caps.flash_attn else 'not installed'}), "
         f"extras: {', '.join(extras) or 'none'}"
     )
@@ -169,8 +177,160 @@ def choose_runtime(training: TrainingConfig, model: ModelConfig, caps: Capabilit
         fused_adamw=fused_adamw,
         tf32=tf32,
         keep_freed_memory=keep_freed_memory,
+        quantization=model.quantization,
         reason=reason,
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quantized bases (model.quantization): bitsandbytes through transformers' BitsAndBytesConfig.
+
+QUANT_EXTRA = "pip install 'llama-lora[quant]'"
+
+
+def bitsandbytes_available() -> bool:
+    """Whether `import bitsandbytes` works (imported for real: a broken install counts as missing)."""
+    try:
+        importlib.import_module("bitsandbytes")
+    except Exception:
+        return False
+    return True
+
+
+def check_quantization(quantization: str, device: str, caps: Capabilities) -> None:
+    """A quantized base where bitsandbytes cannot run is an error saying what to do instead."""
+    if quantization == "none":
+        return
+    if device == "mps":
+        raise LlamaLoraError(
+            f"model.quantization={quantization} needs bitsandbytes, which has no Apple MPS backend. Train on MPS "
+            "with model.quantization=none (and model.dtype=bfloat16 to halve the base's memory), or set "
+            "training.device=cpu to train the quantized base on the CPU.")
+    available = caps.bitsandbytes if caps.bitsandbytes is not None else bitsandbytes_available()
+    if not available:
+        raise LlamaLoraError(
+            f"model.quantization={quantization} needs the bitsandbytes package, which is not installed (or does "
+            f"not import). Install it with {QUANT_EXTRA}, or use model.quantization=none.")
+
+
+def check_sharding(quantization: str, sharded: bool) -> None:
+    """FSDP/DeepSpeed with a bitsandbytes base is refused before anything is loaded or written.
+
+    Sharding a 4-bit base needs bnb_4bit_quant_storage equal to the compute dtype and every shard's quant
+    state gathered with it; peers' users hit a silent loss of 0 or NaN where that goes wrong
+    (accelerate#3983, bitsandbytes#1945). It is not built or tested here, so it is refused, never half-run.
+    """
+    if quantization != "none" and sharded:
+        raise LlamaLoraError(
+            f"model.quantization={quantization} with FSDP or DeepSpeed is not supported: sharding a bitsandbytes "
+            "base needs its quant storage dtype matched to the compute dtype and its quantization statistics "
+            "sharded with it, which llama-lora does not do (a mismatch trains silently to loss 0 or NaN). Use "
+            "DDP (configs/accelerate/ddp*.yaml, each process holds the whole 4-bit base), or "
+            "model.quantization=none with FSDP.")
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype bitsandbytes dequantizes 4-bit blocks to for each matmul: the run's precision."""
+    return _PRECISION_DTYPE[precision]
+
+
+def describe_quantization(quantization: str, precision: str) -> str:
+    if quantization == "int8":
+        return "int8 bitsandbytes LLM.int8(), lm_head and embeddings not quantized"
+    return (f"{quantization} bitsandbytes 4-bit, double quantization, compute "
+            f"{str(compute_dtype(precision)).removeprefix('torch.')}, lm_head and embeddings not quantized")
+
+
+def bnb_config(quantization: str, precision: str):
+    """transformers' BitsAndBytesConfig for model.quantization (QLoRA's recipe for 4-bit: Dettmers et al.
+    2023, sec. 3, NF4 with double quantization of the block statistics)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # quant_storage stays bitsandbytes' packed uint8: only FSDP needs it equal to the compute dtype, and
+    # FSDP with a quantized base is refused (check_sharding).
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype(precision), bnb_4bit_quant_storage=torch.uint8)
+
+
+def prepare_kbit(model: PreTrainedModel, runtime: Runtime) -> None:
+    """k-bit training preparation, as PEFT's prepare_model_for_kbit_training minus one part.
+
+    Kept: every base parameter frozen, norm weights in fp32 when the base is in half precision (their
+    output feeds every quantized matmul), and input gradients for gradient checkpointing (load_model
+    does that for any base). Left out: PEFT's cast of *every* non-quantized parameter to fp32, which
+    doubles the embedding and an untied lm_head in bf16 runs (0.5 GiB more on Llama-3.2-1B's 128k x 2048
+    vocabulary) for no gain under autocast. In an fp32 run the two preparations are the same thing
+    (tests/unit/test_quant.py compares them).
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if runtime.model_dtype != torch.float32:
+        for name, module in model.named_modules():
+            if "norm" in type(module).__name__.lower():
+                for p in module.parameters(recurse=False):
+                    p.data = p.data.float()
+
+
+def _keep_4bit_layout(model: PreTrainedModel) -> None:
+    """Keep bitsandbytes' CPU 4-bit layers on the path training uses, in eval too.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.48+) repacks a 4-bit weight on its first eval-mode forward
+    for a bf16 kernel: eval and inference would then compute in bf16 what training computed in the run's
+    precision, and the repacking is lossy (its statistics are rounded: the dequantized weight moves by up
+    to 0.4% of its largest value, measured on the tiny model), so merge could no longer recover the weights
+    that were trained. Turning it off keeps eval = training numerics; it only costs CPU inference speed.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
+def dequantize_model(model: PreTrainedModel, dtype: torch.dtype) -> int:
+    """Replace every bitsandbytes Linear of `model` by a plain nn.Linear holding its dequantized weight
+    in `dtype`; returns how many were replaced.
+
+    Written here because transformers' own `model.dequantize()` (5.x) returned wrong weights for 4-bit
+    layers on CPU once they had run an eval-mode forward (logits off by the whole logit scale: it misses
+    bitsandbytes' CPU repacking, undone below); the per-weight dequantization is PEFT's
+    `dequantize_bnb_weight` (bitsandbytes' dequantize_4bit / int8_vectorwise_dequant).
+    """
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            kind = type(child.weight).__name__ if isinstance(getattr(child, "weight", None), torch.Tensor) else ""
+            if kind not in ("Params4bit", "Int8Params"):
+                continue
+            qs = getattr(child.weight, "quant_state", None)
+            if getattr(qs, "packing_format_for_cpu", False):
+                # A model not loaded by load_model (which keeps the layout: _keep_4bit_layout) may have been
+                # repacked for bitsandbytes' CPU kernel; dequantize_4bit reads the original layout, so undo
+                # the repacking first, as bitsandbytes does before saving or moving the weight.
+                from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+                child.weight.data, child.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                    child.weight.data, qs)
+            weight = dequantize_bnb_weight(child.weight, state=getattr(child, "state", None)).to(dtype)
+            plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                    device=weight.device, dtype=dtype)
+            with torch.no_grad():
+                plain.weight.copy_(weight)
+                if child.bias is not None:
+                    plain.bias.copy_(child.bias.to(dtype))
+            setattr(module, child_name, plain)
+            count += 1
+    for attr in ("quantization_config",):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+        if getattr(model, attr, False):
+            setattr(model, attr, False)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    return count
 
 
 # glibc mallopt parameters (malloc.h)
@@ -285,6 +445,15 @@ def ensure_pad_token(tok: PreTrainedTokenizerBase) -> None:
 
 
 def load_model(name_or_path: str, model: ModelConfig, runtime: Runtime, training: bool = True) -> PreTrainedModel:
+    """The base at runtime's device and dtype; quantized by bitsandbytes when runtime.quantization says so
+    (every command loads a base through here, so train, eval, baseline, infer and merge quantize alike)."""
+    quantized = runtime.quantization != "none"
+    extra = {}
+    if quantized:
+        # bitsandbytes quantizes while loading, onto the device it computes on: this process's GPU under
+        # DDP (accelerate has set it), else the runtime's device. A quantized model cannot be moved later.
+        where = f"cuda:{torch.cuda.current_device()}" if runtime.device == "cuda" else runtime.device
+        extra = {"quantization_config": bnb_config(runtime.quantization, runtime.precision), "device_map": {"": where}}
     try:
         m = AutoModelForCausalLM.from_pretrained(
             name_or_path,
@@ -293,10 +462,16 @@ def load_model(name_or_path: str, model: ModelConfig, runtime: Runtime, training
             attn_implementation=runtime.attn_implementation,
             trust_remote_code=model.trust_remote_code,
             use_safetensors=True,  # never unpickle weights: a .bin-only model is refused with an error
+            **extra,
         )
     except Exception as e:
         raise hub_error(e, "model", name_or_path) from e
-    m.to(runtime.device)
+    if not quantized:
+        m.to(runtime.device)
+    else:
+        _keep_4bit_layout(m)
+        if training:
+            prepare_kbit(m, runtime)
     if training:
         # The KV cache is useless in training, and transformers only derives the per-example
         # (packed) attention mask from position_ids when no cache is passed.

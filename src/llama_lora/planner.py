@@ -105,6 +105,38 @@ def _model_shapes(config_cls: type, config_json: str) -> tuple[int, tuple[_Linea
     return total, linears
 
 
+# bitsandbytes' 4-bit layout (bitsandbytes.functional.quantize_4bit, as transformers calls it): 64 weights
+# per block, one absmax per block; double quantization (QLoRA sec. 3) stores those absmax as uint8 in
+# blocks of 256 with an fp32 absmax each, plus a 256-entry fp32 code; the 4-bit code has 16 fp32 entries.
+_4BIT_BLOCK, _4BIT_BLOCK2 = 64, 256
+
+
+def _frozen_weights(quantization: str, total_params: int, linears: tuple[_Linear, ...],
+                    w_bytes: int, compute_bytes: int) -> tuple[int, int, int]:
+    """(frozen weight bytes, quantization statistics bytes, dequantized-weight buffer bytes).
+
+    Unquantized: every parameter at w_bytes. Quantized: every Linear but lm_head (transformers keeps the
+    output head, tied or not, out of bitsandbytes) packed at 4 bits or 1 byte per weight; embeddings, norms
+    and lm_head stay at w_bytes. Statistics: per 4-bit layer the block absmax (double-quantized) and codes;
+    per int8 layer an fp32 scale per output row. The buffer: a 4-bit layer's forward and backward
+    dequantize its weight to the compute dtype (one layer at a time: the largest), int8 its fp16 copy.
+    """
+    if quantization == "none":
+        return total_params * w_bytes, 0, 0
+    quantized = [m for m in linears if not m.name.endswith("lm_head")]
+    n_q = sum(m.in_features * m.out_features for m in quantized)
+    plain = (total_params - n_q) * w_bytes
+    if quantization == "int8":
+        stats = sum(m.out_features * 4 for m in quantized)
+        return plain + n_q, stats, max((m.in_features * m.out_features for m in quantized), default=0) * 2
+    stats = 0
+    for m in quantized:
+        blocks = -(-m.in_features * m.out_features // _4BIT_BLOCK)
+        stats += blocks + -(-blocks // _4BIT_BLOCK2) * 4 + _4BIT_BLOCK2 * 4 + 16 * 4
+    buffer = max((m.in_features * m.out_features for m in quantized), default=0) * compute_bytes
+    return plain + n_q // 2, stats, buffer
+
+
 def _targets(cfg: Config, linears: tuple[_Linear, ...]) -> list[_Linear]:
     """The Linear layers PEFT adapts: 'all-linear' is every Linear but the output head, else name match."""
     if cfg.peft.target_modules == "all-linear":
@@ -118,7 +150,8 @@ def _dtype_bytes(cfg: Config, device: str) -> tuple[int, int, str]:
     from llama_lora.model import Capabilities, choose_runtime
 
     caps = Capabilities(cuda=device == "cuda", cuda_device_count=int(device == "cuda"), cuda_bf16=device == "cuda",
-                        cuda_capability=(8, 0) if device == "cuda" else (0, 0), mps=device == "mps")
+                        cuda_capability=(8, 0) if device == "cuda" else (0, 0), mps=device == "mps",
+                        bitsandbytes=True)  # a plan needs no install; train and validate check it
     rt = choose_runtime(cfg.training.model_copy(update={"device": device}), cfg.model, caps)
     act = 4 if rt.precision == "fp32" else 2
     return rt.model_dtype.itemsize, act, rt.precision
@@ -133,7 +166,8 @@ def _decide(cfg: Config, device: str, precision: str | None = None) -> LeanPolic
     device = "cuda" if device.startswith("cuda") else device
     if precision is None:
         precision = _dtype_bytes(cfg, device)[2]
-    return decide(cfg.peft.model_copy(update={"lean_kernel": False}), device, precision)
+    return decide(cfg.peft.model_copy(update={"lean_kernel": False}), device, precision,
+                  quantization=cfg.model.quantization)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -198,7 +232,7 @@ def plan_memory(
 
     # Resident state: frozen weights in their dtype; adapter, gradients and AdamW moments in fp32
     # (PEFT keeps adapters fp32 under bf16/fp16 autocast so small updates do not underflow).
-    weights = total_params * w_bytes
+    weights, quant_stats, dequant_buffer = _frozen_weights(cfg.model.quantization, total_params, linears, w_bytes, s)
     adapter_b = adapter * 4
     grads = adapter * 4
     optimizer = adapter * 4 * 2
@@ -262,7 +296,18 @@ def plan_memory(
 
     # ---- loss over the vocabulary: the log-softmax (kept for backward), its gradient and the logits'
     # gradient are alive together at the start of backward; bf16/fp16 logits are upcast first.
-    loss = K * vocab * (12 if s == 4 else 14)
+    from llama_lora.loss import AUTO_MIN_VOCAB, chunk_positions
+
+    loss_chunk = chunk_positions(cfg.training.loss_chunk_size, vocab)
+    if loss_chunk:
+        # Chunked (loss.py): one chunk's logits at a time (one fp32 buffer, turned into the softmax gradient
+        # in place; with bf16/fp16 also the gradient's cast for the matmul), plus the response positions'
+        # hidden states and their gradient, which is what the forward keeps for the backward.
+        # Under autocast over wider weights, lm_head's weight is cast to the compute dtype once as well.
+        loss = (min(loss_chunk, K) * vocab * (4 if s == 4 else 6) + 2 * K * h * s
+                + (vocab * h * s if w_bytes > s else 0))
+    else:
+        loss = K * vocab * (12 if s == 4 else 14)
     # Backward's working set inside one layer (gradients of the SwiGLU intermediates, hidden states).
     backward_ws = T * (3 * inter + 3 * h) * s
     if cfg.model.gradient_checkpointing:
@@ -276,10 +321,13 @@ def plan_memory(
     if not packed:
         logits_loss += rows * (T // max(rows, 1)) ** 2  # SDPA's boolean padding mask
 
-    tensors = weights + merged_weights + adapter_b + grads + optimizer + activations + logits_loss
+    tensors = (weights + quant_stats + dequant_buffer + merged_weights + adapter_b + grads + optimizer + activations
+               + logits_loss)
     overhead = _RUNTIME_OVERHEAD.get(device, _RUNTIME_OVERHEAD["cpu"]) + int(_FRAGMENTATION.get(device, 0.05) * tensors)
     breakdown = {
         "weights": weights,
+        **({"quant stats": quant_stats, "dequant buffer": dequant_buffer}
+           if cfg.model.quantization != "none" else {}),
         "merged weights": merged_weights,
         "adapter": adapter_b,
         "gradients": grads,
@@ -292,8 +340,18 @@ def plan_memory(
     avail = available_memory(cfg, device)
     notes = [f"{total_params / 1e6:.1f}M frozen parameters in {w_bytes * 8}-bit, "
              f"{adapter / 1e6:.2f}M adapter parameters ({p.method}, r={r}, {len(targets)} modules), {precision}"]
+    if cfg.model.quantization != "none":
+        n_q = sum(m.in_features * m.out_features for m in linears if not m.name.endswith("lm_head"))
+        notes[0] = (f"{n_q / 1e6:.1f}M parameters quantized to {cfg.model.quantization} "
+                    f"({'1 byte' if cfg.model.quantization == 'int8' else '4 bits'} each + block statistics), "
+                    f"{(total_params - n_q) / 1e6:.1f}M (embeddings, norms, lm_head) in {w_bytes * 8}-bit, "
+                    f"{adapter / 1e6:.2f}M adapter parameters ({p.method}, r={r}, {len(targets)} modules), {precision}")
     if tokens_per_micro_batch is None:
         notes.append(f"worst case: every example {seq} tokens (data.max_seq_length)")
+    notes.append(f"loss over the {vocab:,}-token vocabulary in chunks of {loss_chunk} positions "
+                 "(training.loss_chunk_size)" if loss_chunk else
+                 f"loss over the {vocab:,}-token vocabulary in one piece (training.loss_chunk_size=0, or auto "
+                 f"below a {AUTO_MIN_VOCAB:,}-token vocabulary)")
     return MemoryPlan(
         total_bytes=total, breakdown=breakdown, available_bytes=avail,
         fits=avail is None or total <= avail, device=device, micro_batch_size=micro,
@@ -396,6 +454,14 @@ def batch_split(cfg: Config, model_config: PretrainedConfig, device: str, length
 def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Bytes of the tensors alive between steps: weights, buffers, gradients, optimizer state."""
     tensors = list(model.parameters()) + list(model.buffers())
+    # bitsandbytes' block statistics live on the weights' quant_state, not in parameters or buffers
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        while qs is not None:
+            tensors += [t for t in (qs.absmax, qs.code) if torch.is_tensor(t)]
+            qs = getattr(qs, "state2", None)
+        if torch.is_tensor(getattr(p, "SCB", None)):
+            tensors.append(p.SCB)
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     if optimizer is not None:
         tensors += [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]

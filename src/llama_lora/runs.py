@@ -35,7 +35,10 @@ SAVED_RUN_FIELDS: dict[str, tuple[str, ...]] = {
     "infer": (*_RUNTIME, "infer."),
     "eval": (*_RUNTIME, "eval.", "data."),
     "baseline": (*_RUNTIME, "eval.", "data."),
-    "merge": ("training.device", "model.dtype", "model.trust_remote_code", "output_dir", "infer.run_dir"),
+    # merge: model.quantization names the output's (refused unless none or the run's own: merge.py)
+    "merge": ("training.device", "model.dtype", "model.trust_remote_code", "model.quantization", "output_dir",
+              "infer.run_dir"),
+    "export": ("training.device", "model.dtype", "model.trust_remote_code", "output_dir", "infer.run_dir"),
 }
 
 
@@ -199,11 +202,16 @@ def load(cfg: Config, adapter: bool = True, runtime: model_lib.Runtime | None = 
     else:
         base = ""
         tokenizer = model_lib.load_tokenizer(str(target), cfg.model)
+        # A merged model is a plain full-precision model: it is never re-quantized on load, whatever its
+        # run trained on (its merge.json says how it differs from the quantized base + adapter).
+        runtime = replace(runtime, quantization="none")
         model = model_lib.load_model(str(target), cfg.model.model_copy(update={"revision": None}), runtime,
                                      training=False)
     model.eval()
     fmt = read_prompt_format(target, cfg, tokenizer)
     what = "merged model" if not base else "base + adapter" if adapter else "base model (adapter not loaded)"
+    if runtime.quantization != "none" and base:
+        what += f", base {runtime.quantization}-quantized by bitsandbytes as in training"
     log.info("Loaded %s (%s) on %s, prompt format %s", target, what, runtime.device, fmt.kind)
     return Loaded(model, tokenizer, fmt, target, base, runtime.device)
 

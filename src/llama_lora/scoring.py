@@ -76,14 +76,16 @@ def data_fingerprint(source: str) -> str:
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, examples: list[dict], collate, batch_size: int, device) -> dict[str, float]:
-    """Mean response-token loss and perplexity over `examples`."""
+def evaluate_loss(model: torch.nn.Module, examples: list[dict], collate, batch_size: int, device,
+                  loss_chunk_size: int | None = None) -> dict[str, float]:
+    """Mean response-token loss and perplexity over `examples` (`loss_chunk_size`: training.loss_chunk_size,
+    as in training: the same value either way, the vocabulary-sized logits chunked or not)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size]).items()}
-        loss, n = response_loss_sum(model, batch)
+        loss, n = response_loss_sum(model, batch, loss_chunk_size)
         total += float(loss)
         count += n
     model.train(was_training)
@@ -120,7 +122,7 @@ def evaluate_split(model, tokenizer, fmt, ds, cfg, device) -> dict:
     """
     examples, _ = tokenize_dataset(ds, cfg.data, tokenizer, fmt, "test")
     result = evaluate_loss(model, examples, make_collate(cfg.data.packing, tokenizer.pad_token_id),
-                           cfg.eval.batch_size, device)
+                           cfg.eval.batch_size, device, cfg.training.loss_chunk_size)
     result["examples"] = len(examples)
     cols = cfg.data.columns
     rows = [r for r in ds if data_lib.field_text(r.get(cols.instruction), cols.instruction).strip()

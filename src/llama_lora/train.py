@@ -28,17 +28,17 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import AutoConfig, get_scheduler
 
 from llama_lora import artifacts, checkpoint, data as data_lib, lean, model as model_lib, tracking
-from llama_lora.adapter import apply_adapter, count_parameters
+from llama_lora.adapter import MUTATES_BASE, apply_adapter, count_parameters, initial_adapter_state, save_adapter
 from llama_lora.artifacts import RunDir
 from llama_lora.attention import VARLEN_ATTENTION, use_varlen_attention
 from llama_lora.checkpoint import TrainState
 from llama_lora.config.load import to_yaml
 from llama_lora.config.schema import Config
 from llama_lora.errors import LlamaLoraError
-from llama_lora.loss import response_loss_sum
+from llama_lora.loss import chunk_positions, response_loss_sum
 from llama_lora.planner import batch_split
 from llama_lora.sampler import StepSampler
 
@@ -88,6 +88,8 @@ class Session:
     trackers: list[GeneralTracker] = field(default_factory=list)
     inputs: dict[str, Any] = field(default_factory=dict)  # training_inputs(): what a resume must find unchanged
     resume_changes: list[str] = field(default_factory=list)  # what changed, when resumed despite changes
+    loss_chunk: int = 0  # response positions per chunk of the loss (training.loss_chunk_size resolved; 0: one)
+    initial_adapter: dict | None = None  # pissa/olora: the adapter as initialised, for the conversion at save
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,7 +107,15 @@ def setup(cfg: Config, held: contextlib.ExitStack) -> Session:
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     # Decided once, before anything is written (peft.lean_kernel=true that cannot build fails here);
     # the adapter, the planner and the log all read this decision.
-    runtime = dataclasses.replace(runtime, lean=lean.decide(cfg.peft, runtime.device, runtime.precision, sharded))
+    model_lib.check_sharding(cfg.model.quantization, sharded)  # FSDP/DeepSpeed + a bitsandbytes base: refused
+    runtime = dataclasses.replace(runtime, lean=lean.decide(cfg.peft, runtime.device, runtime.precision, sharded,
+                                                            cfg.model.quantization))
+    if sharded and cfg.peft.init in MUTATES_BASE:
+        raise LlamaLoraError(
+            f"peft.init={cfg.peft.init} is not supported under FSDP/DeepSpeed: it rewrites the base weights, and "
+            "converting the saved adapter back to a plain LoRA needs the whole adapter on one process. Train it "
+            "with DDP or one process, or use peft.init=default / gaussian."
+        )
     _configure_rank_logging(accelerator)
 
     # A finished run is never silently overwritten; an unfinished one is resumed.
@@ -122,6 +132,8 @@ def setup(cfg: Config, held: contextlib.ExitStack) -> Session:
     with accelerator.main_process_first():
         base_path = model_lib.resolve_model_path(cfg.model.name_or_path)
         tokenizer = model_lib.load_tokenizer(base_path, cfg.model)
+        data_lib.check_positions(cfg.data, AutoConfig.from_pretrained(
+            base_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code))
         fmt = data_lib.PromptFormat.choose(cfg.data, tokenizer)
         train_ds, eval_ds = data_lib.load_train_eval(cfg.data, tc.seed)
     train_examples, train_stats = data_lib.tokenize_dataset(train_ds, cfg.data, tokenizer, fmt, "train")
@@ -134,6 +146,14 @@ def setup(cfg: Config, held: contextlib.ExitStack) -> Session:
     load_runtime = dataclasses.replace(runtime, device="cpu") if sharded else runtime
     model = model_lib.load_model(base_path, cfg.model, load_runtime, training=True)
     model = apply_adapter(model, cfg.peft, lean=runtime.lean)
+    initial_adapter = initial_adapter_state(model, cfg.peft)
+    # Decided once: the loss over the vocabulary in chunks (loss.py). Sharded runs keep one cross-entropy:
+    # the chunks read lm_head's weight outside its module's forward, which FSDP/DeepSpeed only gather inside.
+    vocab = model.get_base_model().get_output_embeddings().out_features
+    loss_chunk = 0 if sharded else chunk_positions(cfg.training.loss_chunk_size, vocab)
+    log.info("Loss over the %s-token vocabulary: %s.", f"{vocab:,}",
+             f"chunks of {loss_chunk} response positions" if loss_chunk else
+             "one cross-entropy" + (" (FSDP/DeepSpeed)" if sharded and cfg.training.loss_chunk_size != 0 else ""))
     if cfg.data.packing and use_varlen_attention(model):
         log.info("Packed rows use per-example attention (%s): no T x T mask, no cross-example blocks.", VARLEN_ATTENTION)
     trainable, total = count_parameters(model)
@@ -172,7 +192,8 @@ def setup(cfg: Config, held: contextlib.ExitStack) -> Session:
         data_stats={"train": train_stats, "eval": eval_stats},
         collate=data_lib.make_collate(cfg.data.packing, tokenizer.pad_token_id), model=model, params=params,
         optimizer=optimizer, scheduler=scheduler, sampler=sampler, total_steps=total_steps, trainable=trainable,
-        total=total, sharded=sharded, inputs=checkpoint.training_inputs(train_examples, sampler.global_batch, runtime.precision),
+        total=total, sharded=sharded, loss_chunk=loss_chunk, initial_adapter=initial_adapter,
+        inputs=checkpoint.training_inputs(train_examples, sampler.global_batch, runtime.precision),
     )
 
 
@@ -312,7 +333,7 @@ def train_step(s: Session, step: int) -> tuple[float, int, int]:
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
             accelerator.sync_gradients = last  # the engine reduces and steps only on the last micro-batch
         with accelerator.no_sync(s.model) if not last else contextlib.nullcontext(), accelerator.autocast():
-            loss_sum, _ = response_loss_sum(s.model, batch)
+            loss_sum, _ = response_loss_sum(s.model, batch, s.loss_chunk)
             if s.cfg.training.debug_nan_at_step == step:
                 loss_sum = loss_sum * float("nan")
             accelerator.backward(loss_sum * world / max(global_count, 1))
@@ -329,7 +350,8 @@ def train_step(s: Session, step: int) -> tuple[float, int, int]:
 
 
 def evaluate(s: Session) -> float:
-    return _evaluate_sharded(s.model, s.eval_examples, s.collate, s.cfg.eval.batch_size, s.accelerator)
+    return _evaluate_sharded(s.model, s.eval_examples, s.collate, s.cfg.eval.batch_size, s.accelerator,
+                             s.loss_chunk)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -346,7 +368,8 @@ def finish(s: Session, state: TrainState, t_start: float) -> None:
         unwrapped.peft_config[unwrapped.active_adapter].base_model_name_or_path = portable
         artifacts.check_free_space(s.run_dir.path, 2 * s.trainable * 4 + 50 * 2**20)
         with artifacts.atomic_dir(s.run_dir.adapter) as tmp:
-            unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=adapter_state)
+            # pissa/olora: converted to the plain LoRA for the original base (adapter.save_adapter).
+            save_adapter(unwrapped, tmp, adapter_state, s.initial_adapter)
         with artifacts.atomic_dir(s.run_dir.tokenizer) as tmp:
             s.tokenizer.save_pretrained(tmp)
         metrics = _metrics(s, state, t_start)
@@ -466,7 +489,8 @@ def _configure_deepspeed(accelerator: Accelerator, tc) -> None:
 
 
 @torch.no_grad()
-def _evaluate_sharded(model, examples, collate, batch_size: int, accelerator: Accelerator) -> float:
+def _evaluate_sharded(model, examples, collate, batch_size: int, accelerator: Accelerator,
+                      loss_chunk: int = 0) -> float:
     """Mean response-token loss over `examples`, each process scoring every world-th batch.
 
     All processes run the same number of forward passes (a spare one repeats batch 0 and is not
@@ -480,7 +504,7 @@ def _evaluate_sharded(model, examples, collate, batch_size: int, accelerator: Ac
     with accelerator.autocast():
         for j in range(rank, math.ceil(len(batches) / world) * world, world):
             batch = {k: v.to(device) for k, v in collate(batches[j if j < len(batches) else 0]).items()}
-            loss, n = response_loss_sum(model, batch)
+            loss, n = response_loss_sum(model, batch, loss_chunk)
             if j < len(batches):
                 total, count = total + float(loss), count + n
     model.train(was_training)

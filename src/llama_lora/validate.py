@@ -74,6 +74,10 @@ def check(cfg: Config) -> Report:
     model_path, model_config = _check_model(cfg, report)
     tokenizer = _check_tokenizer(cfg, model_path, report) if model_config is not None else None
     if model_config is not None:
+        try:
+            data_lib.check_positions(cfg.data, model_config)
+        except LlamaLoraError as e:
+            report.add("sequence length", FAIL, str(e))
         _check_target_modules(cfg, model_config, report)
         if runtime is not None:
             _check_memory(cfg, model_config, runtime.device, report, lean_policy)
@@ -194,11 +198,15 @@ def _check_lean(cfg: Config, runtime, report: Report):
     from llama_lora import lean
 
     try:
-        policy = lean.decide(cfg.peft, runtime.device, runtime.precision)
+        policy = lean.decide(cfg.peft, runtime.device, runtime.precision, quantization=cfg.model.quantization)
     except LlamaLoraError as e:
         report.add("training step", FAIL, str(e))
         return None
     report.add("training step", OK, policy.describe())
+    if cfg.model.quantization != "none":  # the device check above already refused MPS / no bitsandbytes
+        report.add("quantization", OK, model_lib.describe_quantization(cfg.model.quantization, runtime.precision)
+                   + "; the memory plan counts the packed weights and their block statistics; FSDP/DeepSpeed "
+                   "are refused with it (DDP works)")
     return policy
 
 
@@ -273,7 +281,7 @@ def _preflight(cfg: Config, tokenizer, model_path: str, report: Report) -> None:
 
     try:
         fmt = PromptFormat.choose(cfg.data, tokenizer)
-        ds = data_lib.load_split(cfg.data.source, cfg.data.train_split)
+        ds = data_lib.load_split(cfg.data.source, cfg.data.train_split, "data.train_split")
         sample = ds.select(range(min(len(ds), PREFLIGHT_ROWS)))
         examples, stats = data_lib.tokenize_dataset(sample, cfg.data, tokenizer, fmt, "train")
     except LlamaLoraError as e:

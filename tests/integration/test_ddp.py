@@ -85,7 +85,9 @@ def test_two_process_ddp_equals_one_process(tiny_base, small_data, tmp_path):
     run_cli("train", *common, "training.gradient_accumulation_steps=4", f"output_dir={tmp_path / 'one'}",
             "run_name=one")
     # No run_name: the default one holds a timestamp, and both processes must use the same folder.
-    ddp = _launch("torchrun", [*common, "training.gradient_accumulation_steps=2", f"output_dir={tmp_path / 'ddp'}"])
+    # The DDP run also computes its loss in chunks (issue 15): through DDP's forward, the same adapter.
+    ddp = _launch("torchrun", [*common, "training.gradient_accumulation_steps=2", f"output_dir={tmp_path / 'ddp'}",
+                               "training.loss_chunk_size=8"])
 
     runs = [p for p in (tmp_path / "ddp").iterdir() if not p.name.startswith(".")]  # not the run's .lock
     assert len(runs) == 1, runs

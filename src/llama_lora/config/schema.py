@@ -36,6 +36,15 @@ class ModelConfig(_Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward (non-reentrant) to save memory."
     )
+    # ---- quantized bases (issue #15, part 1)
+    quantization: Literal["none", "nf4", "fp4", "int8"] = Field(
+        "none",
+        description="Load the frozen base quantized by bitsandbytes (pip install 'llama-lora[quant]'): nf4/fp4 = "
+        "4-bit QLoRA (double quantization on, compute dtype following the precision), int8 = LLM.int8(). "
+        "Every Linear but lm_head is quantized; embeddings and norms are not. CUDA and CPU, not MPS; the lean "
+        "step steps aside (PEFT's bitsandbytes layers train); FSDP/DeepSpeed are refused. merge writes a "
+        "dequantized model and reports both differences (docs/quantization.md).",
+    )
 
 
 class ColumnsConfig(_Strict):
@@ -68,6 +77,12 @@ class DataConfig(_Strict):
         "'auto' picks chat when the tokenizer has a template.",
     )
     system_prompt: str | None = Field(None, description="Optional system message for chat formatting.")
+    chat_template_date: str = Field(
+        "26 Jul 2024",
+        description="The date written into prompts by chat templates that read one (Llama 3.x: 'Today Date: ...'); "
+        "fixed at training and saved in the run's prompt.json so infer, eval and serve reuse it on any later day. "
+        "The default is Llama 3's own template default.",
+    )
     max_seq_length: int = Field(512, ge=8, le=131072, description="Examples longer than this are truncated.")
     packing: bool = Field(
         True,
@@ -118,6 +133,16 @@ class PeftConfig(_Strict):
         "once with the system's gcc into the cache directory) instead of BLAS, which runs such narrow products "
         "well below its big-matmul rate (see benchmarks/README.md, row (k), S13). "
         "auto: where gcc builds it, BLAS otherwise; true: fail if it cannot be built; false: BLAS.",
+    )
+    # ---- peft.init (issue #15, part 5)
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
+        "default",
+        description="Adapter initialisation (PEFT's init_lora_weights): default (A Kaiming-uniform, B zero), "
+        "gaussian (A Gaussian scaled by the rank), pissa (A, B from the top r singular vectors of each weight, "
+        "which keeps the residual; PEFT's fast SVD, pissa_niter_16), olora (A, B from a QR of each "
+        "weight, which keeps the rest), loftq (adapter that absorbs a 4-bit base's rounding error; needs "
+        "model.quantization=nf4 or fp4). pissa and olora change the base weights: the saved adapter is converted "
+        "to a plain LoRA of rank 2r that loads on the original base (see docs/configuration.md).",
     )
 
     @field_validator("target_modules", mode="before")
@@ -189,6 +214,14 @@ class TrainingConfig(_Strict):
     debug_nan_at_step: int | None = Field(
         None, ge=1, description="Testing knob: make the loss NaN at this step to exercise the non-finite guard."
     )
+    # ---- chunked loss (issue #15, part 4)
+    loss_chunk_size: int | None = Field(
+        None, ge=0,
+        description="Response positions per chunk of the loss over the vocabulary (lm_head + cross-entropy run "
+        "chunk by chunk, so a micro-batch's full fp32 logits never exist; same loss and gradients). "
+        "None: auto, chunks of 512 from a 32k vocabulary on, unchunked below; 0: unchunked; N: N positions "
+        "per chunk (see docs/performance.md).",
+    )
 
     @property
     def base_micro_batch_size(self) -> int:
@@ -213,9 +246,16 @@ class InferConfig(_Strict):
         "(CLI shorthand: run_dir=...); None = latest finished run under output_dir.",
     )
     max_new_tokens: int = Field(256, ge=1, description="Most tokens to generate.")
-    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
-    temperature: float = Field(0.7, gt=0.0, description="Sampling temperature.")
-    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    do_sample: bool | None = Field(
+        None, description="Sample instead of greedy decoding; None = as the model's generation_config says "
+        "(Llama-3.2-Instruct samples; the embedded model decodes greedily). eval always decodes greedily.",
+    )
+    temperature: float | None = Field(
+        None, gt=0.0, description="Sampling temperature; None = the model's generation_config's (else 1.0)."
+    )
+    top_p: float | None = Field(
+        None, gt=0.0, le=1.0, description="Nucleus sampling mass; None = the model's generation_config's (else 1.0)."
+    )
     batch_size: int = Field(8, ge=1, description="Prompts per batch with --input-file.")
 
 
@@ -316,4 +356,41 @@ class Config(_Strict):
         if self.training.debug_nan_at_step is not None and self.training.max_steps > 0:
             if self.training.debug_nan_at_step > self.training.max_steps:
                 raise ValueError("training.debug_nan_at_step is past training.max_steps")
+        # peft.init (issue #15): checks across model/peft. model.quantization is the quantized-base field
+        # (issue #15, part 1); read with getattr so this holds whether or not it exists yet.
+        quantization = getattr(self.model, "quantization", "none") or "none"
+        if self.peft.init == "loftq" and quantization not in ("nf4", "fp4"):
+            raise ValueError(
+                "peft.init=loftq initialises the adapter against a 4-bit base's rounding error, so it needs one: "
+                f"set model.quantization=nf4 (or fp4; it is {quantization}), or use peft.init=pissa / default "
+                "on a full-precision base")
+        if self.peft.init in ("pissa", "olora") and self.peft.method == "dora":
+            raise ValueError(
+                f"peft.init={self.peft.init} with peft.method=dora is not supported: the saved adapter must be "
+                "converted to a plain LoRA for the original base, and PEFT's conversion keeps no DoRA magnitude. "
+                "Use peft.method=lora with it, or peft.init=default / gaussian for DoRA")
+        if self.peft.init in ("pissa", "olora") and quantization != "none":
+            raise ValueError(
+                f"peft.init={self.peft.init} on a quantized base (model.quantization={quantization}) is not "
+                "supported: it rewrites the base weights, which a quantized base cannot hold exactly, so the saved "
+                "adapter would not reproduce the trained model. Use peft.init=loftq for a quantized base")
         return self
+
+
+# ---- serve (issue #16): `llama-lora serve` settings, given as flags (--queue-size 8 ...), not Hydra
+# overrides: they belong to the server process, never to a saved run's config.yaml.
+class ServeConfig(_Strict):
+    max_batch: int = Field(8, ge=1, le=256, description="Most queued requests of one model generated together.")
+    batch_wait_ms: float = Field(
+        5.0, ge=0.0, le=1000.0, description="How long the worker waits for more requests to fill a batch."
+    )
+    queue_size: int = Field(64, ge=1, description="Requests waiting for the model; beyond it a request gets 429.")
+    max_tokens: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
+    max_prompt_tokens: int = Field(2048, ge=1, description="Longest prompt (in tokens) a request may send.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted (HTTP 413 beyond).")
+    request_timeout_s: float = Field(
+        120.0, gt=0.0, description="A request not answered within this many seconds is stopped (HTTP 504)."
+    )
+    drain_timeout_s: float = Field(
+        60.0, ge=0.0, description="On SIGTERM, how long in-flight requests may take to finish before exit."
+    )

@@ -55,10 +55,10 @@ class LeanPolicy:
         return text + ", rank-r products by BLAS" + (f" ({self.kernel_reason})" if self.kernel_reason else "")
 
 
-def decide(peft_cfg, device: str, precision: str, sharded: bool = False) -> LeanPolicy:
+def decide(peft_cfg, device: str, precision: str, sharded: bool = False, quantization: str = "none") -> LeanPolicy:
     """The lean step for `peft_cfg` (config.schema.PeftConfig) on `device` ('cpu', 'cuda', 'mps') at
     `precision` ('fp32', 'bf16', 'fp16': the compute precision, Runtime.precision); `sharded`: FSDP or
-    DeepSpeed, whose parameter sharding the lean step does not handle.
+    DeepSpeed, whose parameter sharding the lean step does not handle; `quantization`: model.quantization.
 
     peft.lean=auto: the lean step on CPU, and for DoRA everywhere; PEFT's forward for LoRA on a GPU, where
     a step is bound by kernel launches and Python and the lean step's Python backward measured slower
@@ -69,6 +69,10 @@ def decide(peft_cfg, device: str, precision: str, sharded: bool = False) -> Lean
     dropout: rounded to bf16, W + s B A would lose the update s B A.
     peft.lean_kernel: the CPU kernel of native.py where it builds (auto) or must (true: an error names why
     it cannot, whatever else is decided, as for any explicit request the machine cannot honour).
+    A quantized base (model.quantization nf4/fp4/int8): the lean step steps aside for PEFT's bitsandbytes
+    layers. Its forward reads the base weight as a plain tensor (x W^T, W + s B A, DoRA's ||W|| rows),
+    which a packed 4-bit or int8 weight is not; PEFT's Linear4bit/Linear8bitLt dequantize through
+    bitsandbytes. peft.lean=true on such a base is an error.
     """
     device = "cuda" if device.startswith("cuda") else device
     if peft_cfg.lean_kernel is True and device == "cpu" and native.load() is None:
@@ -79,6 +83,14 @@ def decide(peft_cfg, device: str, precision: str, sharded: bool = False) -> Lean
     common = {"method": peft_cfg.method, "r": peft_cfg.r}
 
     # ---- the lean step
+    if quantization != "none":
+        if peft_cfg.lean is True:
+            raise LlamaLoraError(
+                f"peft.lean=true cannot run on a quantized base (model.quantization={quantization}): the lean step "
+                "computes with the base weight as a plain tensor, and bitsandbytes stores it packed. Use "
+                "peft.lean=auto (PEFT's bitsandbytes LoRA/DoRA layers train it) or model.quantization=none.")
+        return LeanPolicy(False, lean_reason=f"model.quantization={quantization}: PEFT's bitsandbytes layers, the "
+                                             "lean step needs a plain base weight", **common)
     if sharded:
         return LeanPolicy(False, lean_reason="FSDP/DeepSpeed shard the parameters, which the lean step does not "
                                              "handle", **common)

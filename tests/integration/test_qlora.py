@@ -1,0 +1,109 @@
+"""Every command on a quantized (QLoRA nf4) run through the real CLI with real bitsandbytes on CPU: train,
+kill -9 and resume to exactly the uninterrupted run, eval and baseline (the base quantized as in training,
+from the saved config), infer, merge with both differences recorded, a quantization sweep in an
+experiment, and 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llama_lora.artifacts import RunDir
+from tests.helpers import (
+    TrainProc, assert_same_adapter, assert_same_metrics, data_file, run_cli, run_to_end, train_args,
+)
+
+pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.slow
+
+QUANT = "model.quantization=nf4"
+
+
+def _qlora_args(tiny_base, data, out, name):
+    """train_args' run made shorter (6 steps, a checkpoint every 2, eval at the end only), nf4."""
+    short = {"training.max_steps=10": "training.max_steps=6", "training.save_every=3": "training.save_every=2",
+             "training.eval_every=1": "training.eval_every=0"}
+    return [short.get(a, a) for a in train_args(tiny_base, data, out, name, QUANT)]
+
+
+@pytest.fixture(scope="module")
+def qroot(tmp_path_factory):
+    return tmp_path_factory.mktemp("qlora")
+
+
+@pytest.fixture(scope="module")
+def qref(qroot, tiny_base):
+    """The uninterrupted 6-step nf4 run (dropout on, a checkpoint every 2 steps)."""
+    out = run_to_end(_qlora_args(tiny_base, data_file(qroot), qroot / "ref", "ref"), qroot / "ref.out")
+    assert "model.quantization=nf4: PEFT's bitsandbytes layers" in out  # the lean step stepped aside, logged
+    assert "nf4 bitsandbytes 4-bit, double quantization, compute float32" in out
+    return qroot / "ref" / "ref"
+
+
+def test_qlora_kill_9_then_resume_equals_the_uninterrupted_run(qroot, tiny_base, qref, tmp_path):
+    args = _qlora_args(tiny_base, data_file(qroot), tmp_path, "run")
+    run = tmp_path / "run"
+    first = TrainProc(args, tmp_path / "first.out")
+    first.wait_until(lambda: len(RunDir(run).checkpoint_dirs()) >= 2, timeout=300, what="the step-4 checkpoint")
+    first.kill()
+    assert first.proc.returncode == -9 and RunDir(run).checkpoint_dirs()
+    out = run_to_end(args, tmp_path / "second.out")
+    assert "Resumed from" in out
+    assert_same_adapter(run, qref)
+    assert_same_metrics(run, qref)
+
+
+def test_eval_baseline_infer_and_merge_on_a_qlora_run(qref, tmp_path):
+    assert "quantization: nf4" in (qref / "config.yaml").read_text()  # what every later command reads
+    ev = run_cli("eval", str(qref), "data.max_eval_examples=4", "eval.max_new_tokens=4", "eval.num_samples=0")
+    base = run_cli("baseline", str(qref), "data.max_eval_examples=4", "eval.max_new_tokens=4", "eval.num_samples=0")
+    for proc in (ev, base):  # the base quantized as in training, from the saved config
+        assert "base nf4-quantized by bitsandbytes as in training" in proc.stderr, proc.stderr[-2000:]
+    answer = run_cli("infer", f"run_dir={qref}", "Uppercase the word.", "--input", "apple", "infer.max_new_tokens=4")
+    # (a barely trained tiny model may answer with an immediate end-of-turn: compared below, not required)
+
+    merged = run_cli("merge", str(qref))
+    report = json.loads((qref / "merged" / "merge.json").read_text())
+    assert report["quantization"] == "nf4" and report["dequantized_to"] == "float32"
+    # the merge itself (merged vs the dequantized base + adapter): verified to fp32 tolerance
+    assert report["max_abs_logit_diff_vs_dequantized_base"] <= report["tolerance"]
+    # vs what was trained (the quantized base + adapter): measured and shown; eval computes as training
+    # does (fp32 dequantize + matmul), so dequantizing changes nothing beyond float rounding here
+    assert report["max_abs_logit_diff_vs_quantized_base"] < 1e-3 * report["logit_scale"]
+    assert "merged vs dequantized base + adapter" in merged.stdout and "what was trained" in merged.stdout
+    config = json.loads((qref / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config  # a plain model: from_pretrained loads it unquantized
+    again = run_cli("infer", f"run_dir={qref / 'merged'}", "Uppercase the word.", "--input", "apple", "infer.max_new_tokens=4")
+    assert again.stdout.strip() == answer.stdout.strip()  # greedy: the merged model answers as base + adapter
+
+
+def test_experiment_sweeps_quantization(qroot, tiny_base, tmp_path):
+    data = data_file(qroot)
+    run_cli("experiment", "-m", "model.quantization=none,int8", f"model.name_or_path={tiny_base}",
+            f"data.source={data}", "data.train_split=train", "training.max_steps=2", "training.micro_batch_size=4",
+            "training.gradient_accumulation_steps=1", "training.save_every=0", "data.max_eval_examples=4",
+            "experiment.evaluate=false", "experiment.name=q", f"output_dir={tmp_path}")
+    runs = sorted(p for p in (tmp_path / "q").iterdir() if (p / "config.yaml").is_file())
+    assert len(runs) == 2 and all(RunDir(r).is_finished() for r in runs)
+    assert sorted(next(line.split()[-1] for line in (r / "config.yaml").read_text().splitlines()
+                       if line.strip().startswith("quantization:")) for r in runs) == ["int8", "none"]
+
+
+def test_two_process_ddp_on_a_quantized_base(qroot, tiny_base, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "llama_lora.train", f"model.name_or_path={tiny_base}", f"data.source={data_file(qroot)}",
+           "data.train_split=train", QUANT, "training.max_steps=2", "training.micro_batch_size=2",
+           "training.gradient_accumulation_steps=1", "training.save_every=0", "data.max_eval_examples=4",
+           "training.learning_rate=1e-2", f"output_dir={tmp_path}", "run_name=ddp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = tmp_path / "ddp"
+    assert RunDir(run).is_finished() and "(2 x 1 accumulation x 2 processes)" in proc.stderr
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert max(float(v.abs().max()) for k, v in adapter.items() if "lora_B" in k) > 1e-3  # it trained
