@@ -182,10 +182,13 @@ class BadInputCase:
     argv: list[str]  # command, then its arguments; "{base}" and "{w}" are filled in
     expect: list[str]  # words the (whitespace-normalised) message must contain
     before_model: bool = False  # must fail before the base model's weights are loaded
+    env: dict[str, str] | None = None  # environment for the case ("{w}" filled in)
+    keeps: tuple[str, ...] = ()  # paths ("{w}" filled in) whose contents must be exactly as before
 
 
-def _train(id: str, overrides: list[str], expect: list[str], before_model: bool = False) -> BadInputCase:
-    return BadInputCase(id, ["train", *BAD_INPUT_TRAIN, f"run_name={id}", *overrides], expect, before_model)
+def _train(id: str, overrides: list[str], expect: list[str], before_model: bool = False,
+           env: dict[str, str] | None = None) -> BadInputCase:
+    return BadInputCase(id, ["train", *BAD_INPUT_TRAIN, f"run_name={id}", *overrides], expect, before_model, env)
 
 
 BAD_INPUT_CASES = [
@@ -196,8 +199,11 @@ BAD_INPUT_CASES = [
     _train("out_of_range", ["training.learning_rate=-1"], ["training.learning_rate = -1 is invalid", "greater than 0"]),
     _train("bad_choice", ["peft.method=qlora"], ["peft.method = 'qlora' is invalid", "'lora' or 'dora'"]),
     _train("unknown_group_option", ["model=nope"], ["Could not find 'model/nope'", "Available options"]),
-    _train("override_syntax", ["training.max_steps=[1,"], ["Could not apply the overrides", "[1,"]),
+    _train("override_syntax", ["training.max_steps=[1,"],
+           ["Could not parse the override 'training.max_steps=[1,'", "close its brackets"], True),
     _train("nan_step_past_end", ["training.debug_nan_at_step=5"], ["debug_nan_at_step is past training.max_steps"]),
+    _train("loftq_without_4bit_base", ["peft.init=loftq"], ["peft.init=loftq", "model.quantization=nf4"]),
+    _train("pissa_with_dora", ["peft.init=pissa", "peft.method=dora"], ["peft.method=dora is not supported"]),
     _train("run_name_with_slash", ["run_name=a/b"], ["run_name = 'a/b' is invalid", "plain directory name"]),
     _train("empty_target_list", ["peft.target_modules=[]"], ["peft.target_modules", "at least one module"]),
     _train("fp16_on_cpu", ["training.precision=fp16"], ["training.precision=fp16 is not supported on CPU"]),
@@ -257,6 +263,41 @@ BAD_INPUT_CASES = [
                  ["line 11 is not valid JSON"]),
     BadInputCase("merge_adapter_corrupted", ["merge", "infer.run_dir={w}/runs/corrupt_adapter"], ["Could not load the adapter"]),
     BadInputCase("validate_unknown_key", ["validate", "foo=1"], ["Could not override 'foo'"]),
+    # ---- issue 19, kind 5: files that are not llama-lora's, caches that are files
+    BadInputCase("merge_keeps_the_users_merged_file", ["merge", "{w}/runs/user_merged"],
+                 ["user_merged/merged exists and is a file", "llama-lora did not write it", "Nothing was changed"],
+                 keeps=("{w}/runs/user_merged/merged",)),
+    BadInputCase("merge_keeps_the_users_merged_folder", ["merge", "{w}/runs/user_merged_dir"],
+                 ["exists and is a folder without merge.json", "Move or rename it"],
+                 keeps=("{w}/runs/user_merged_dir/merged/notes.txt",)),
+    _train("hf_home_is_a_file", [], ["HF_HOME=", "a_file cannot be a cache folder", "a_file is a file", "unset HF_HOME"],
+           True, env={"HF_HOME": "{w}/a_file"}),
+    _train("cache_env_is_a_file", ["model=embedded"], ["LLAMA_LORA_CACHE=", "a_file cannot be a cache folder"],
+           True, env={"LLAMA_LORA_CACHE": "{w}/a_file"}),
+    # ---- issue 19, kind 6: messages that say what to do
+    _train("override_needs_quotes_slice", ["data.train_split=train[:0%]"],
+           ["Could not parse the override 'data.train_split=train[:0%]'", "quoted for Hydra",
+            "'data.train_split=\"train[:0%]\"'"], True),
+    _train("override_needs_quotes_space", ["run_name=my run (2)"],
+           ["Could not parse the override 'run_name=my run (2)'", "'run_name=\"my run (2)\"'"], True),
+    _train("split_slice_selects_nothing", ['data.train_split="train[:0%]"'],
+           ["data.train_split 'train[:0%]' selects no rows", "its 'train' split has 24 rows", "Widen it"], True),
+    _train("split_slice_backwards", ['data.train_split="train[90%:10%]"'],
+           ["data.train_split 'train[90%:10%]' selects no rows", "24 rows"], True),
+    _train("eval_split_slice_selects_nothing", ['data.eval_split="train[:0]"'],
+           ["data.eval_split 'train[:0]' selects no rows"], True),
+    _train("max_seq_length_beyond_positions", ["data.max_seq_length=4096"],
+           ["data.max_seq_length=4096 is above the model's 512 positions", "data.max_seq_length=512 or less"], True),
+    BadInputCase("validate_max_seq_length_beyond_positions",
+                 ["validate", *BAD_INPUT_TRAIN, "data.max_seq_length=4096"],
+                 ["[sequence length] data.max_seq_length=4096 is above the model's 512 positions"]),
+    BadInputCase("infer_empty_prompt", ["infer", "infer.run_dir={w}/runs/good", "  "], ["The prompt is empty"]),
+    BadInputCase("infer_prompt_beyond_positions", ["infer", "infer.run_dir={w}/runs/good", "word " * 2000],
+                 ["The prompt is", "tokens once formatted", "512 positions", "no room left for an answer"]),
+    BadInputCase("infer_input_file_empty_prompt", ["infer", "infer.run_dir={w}/runs/good", "--input-file",
+                                                   "{w}/empty_prompt.jsonl"], ["line 1: the prompt is empty"]),
+    BadInputCase("infer_input_file_non_text", ["infer", "infer.run_dir={w}/runs/good", "--input-file",
+                                               "{w}/nontext_prompt.jsonl"], ["line 1", "'input'", "list"]),
 ]
 BAD_INPUT_IN_SUBPROCESS = ["unknown_key", "infer_adapter_corrupted"]
 
@@ -353,6 +394,13 @@ def build_bad_input_world(w: Path, tiny_base: Path) -> Path:
                                     "data.train_split=train", "infer.max_new_tokens=4"]))
     _fake_run(w / "runs" / "good", tiny_base, lora(), cfg_yaml)
     _fake_run(w / "runs" / "corrupt_adapter", tiny_base, lora(), cfg_yaml)
+    _fake_run(w / "runs" / "user_merged", tiny_base, lora(), cfg_yaml)
+    (w / "runs" / "user_merged" / "merged").write_text("my notes, not a model\n")
+    _fake_run(w / "runs" / "user_merged_dir", tiny_base, lora(), cfg_yaml)
+    (w / "runs" / "user_merged_dir" / "merged").mkdir()
+    (w / "runs" / "user_merged_dir" / "merged" / "notes.txt").write_text("mine\n")
+    _jsonl(w / "empty_prompt.jsonl", [{"prompt": ""}])
+    _jsonl(w / "nontext_prompt.jsonl", [{"instruction": 5, "input": ["x"]}])
     _truncate(w / "runs" / "corrupt_adapter" / "adapter" / "adapter_model.safetensors")
     other = AutoModelForCausalLM.from_pretrained(tiny_base).config
     other.hidden_size, other.intermediate_size, other.head_dim = 64, 96, 16

@@ -14,6 +14,7 @@ outputs/.<run>.lock  the run's one-writer lock (RunLock): held by train, merge, 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -128,7 +129,7 @@ class RunLock:
         except OSError as e:
             raise LlamaLoraError(
                 f"Cannot write to the output directory {self.path.parent} ({e.strerror}): the run lock "
-                f"{self.path.name} cannot be created there. Choose a writable output_dir=... ."
+                f"{self.path.name} cannot be created there. {_unwritable_advice(run_dir, purpose)}"
             ) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -141,6 +142,15 @@ class RunLock:
                 f"Run directory {run_dir.path} is in use by another llama-lora process (pid "
                 f"{holder.get('pid', '?')}, `{holder.get('purpose', '?')}`, since {holder.get('since', '?')}). {how}"
             ) from None
+        if purpose != "train" and run_dir.path.is_dir():  # eval, baseline, merge write into the run itself
+            probe = run_dir.path / f".write-check-{os.getpid()}"
+            try:
+                probe.touch()
+                probe.unlink()
+            except OSError as e:
+                os.close(fd)
+                raise LlamaLoraError(f"Cannot write into the run folder {run_dir.path} ({e.strerror}). "
+                                     f"{_unwritable_advice(run_dir, purpose)}") from e
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "purpose": purpose, "since": time.strftime("%H:%M:%S"),
                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode() + b"\n", 0)
@@ -162,6 +172,15 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _unwritable_advice(run_dir: RunDir, purpose: str) -> str:
+    if purpose == "train":
+        return "Choose a writable output_dir=... ."
+    # eval, baseline and merge write into a finished run: the run has to move, not the config
+    return (f"`llama-lora {purpose}` writes its results into the run folder (and its lock beside it), so it "
+            f"stopped before any work. Copy the run somewhere writable (cp -r {run_dir.path} <dir>/) and run "
+            f"`llama-lora {purpose} <dir>/{run_dir.path.name}`.")
 
 
 def _lock_holder(fd: int) -> dict[str, Any]:
@@ -193,14 +212,63 @@ def read_json(path: Path) -> Any:
         raise LlamaLoraError(f"Could not read {path}: {e}. The file is missing or corrupted.") from e
 
 
+# The caches of the libraries llama-lora loads through; a variable pointing at a file makes them fail
+# deep inside with an error that blames whatever was being read (the data file, the model).
+CACHE_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE", "XDG_CACHE_HOME",
+             "LLAMA_LORA_CACHE")
+
+
+def check_cache_env() -> None:
+    """Each cache variable that is set names a folder, or a path that can become one."""
+    for var in CACHE_ENV:
+        value = os.environ.get(var)
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise LlamaLoraError(
+                f"{var}={value} cannot be a cache folder: {blocker} is a file. Point {var} at a folder "
+                f"(or unset it: `unset {var}`), then run again."
+            )
+
+
+def check_replaceable(path: Path, marker: str | None = None) -> None:
+    """`path` may be replaced by a new version: it does not exist, or it is a folder llama-lora wrote
+    (with `marker`, the file written last, in it). Anything else is the user's: never touched."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_dir() and not path.is_symlink() and (marker is None or (path / marker).is_file()):
+        return
+    what = "a file" if path.is_file() else "a link" if path.is_symlink() else f"a folder without {marker}"
+    raise LlamaLoraError(
+        f"{path} exists and is {what}: llama-lora did not write it, so it will not replace it. Move or rename "
+        "it, then run again. Nothing was changed."
+    )
+
+
+def _os_advice(e: OSError) -> str:
+    """What to do about a failed write, by its cause (a read-only file system is not a full disk)."""
+    return {
+        errno.ENOSPC: "Free disk space, or write elsewhere, then run again.",
+        errno.EDQUOT: "The disk quota is exceeded: free space, or write elsewhere, then run again.",
+        errno.EROFS: "The file system is read-only: copy the run (or set output_dir) to a writable place.",
+        errno.EACCES: "Permission denied: fix the folder's permissions, or write elsewhere.",
+        errno.EPERM: "Permission denied: fix the folder's permissions, or write elsewhere.",
+    }.get(e.errno, "Check the folder (disk space, permissions), then run again.")
+
+
 @contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
+def atomic_dir(path: Path, marker: str | None = None) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path` in (almost) one rename.
 
-    A kill before the rename leaves only a `.<name>.tmp-<pid>` folder that nothing reads as complete
-    (and `clean_stale` removes); a kill between the two renames leaves the previous version as
+    Only a folder llama-lora wrote is replaced (`check_replaceable`: a folder, holding `marker` when one is
+    named). A kill before the rename leaves only a `.<name>.tmp-<pid>` folder that nothing reads as
+    complete (and `clean_stale` removes); a kill between the two renames leaves the previous version as
     `.<name>.old-<pid>`, which `clean_stale` puts back.
     """
+    check_replaceable(path, marker)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -219,7 +287,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         if isinstance(e, OSError):
             raise LlamaLoraError(
                 f"Could not write {path} ({e.strerror or e}). Nothing was replaced: any earlier version is "
-                "intact. Free disk space or fix the permissions of the output directory, then run again."
+                f"intact. {_os_advice(e)}"
             ) from e
         raise
     shutil.rmtree(old, ignore_errors=True)
@@ -277,9 +345,16 @@ def _other_process_alive(pid: int) -> bool:
 
 
 def check_free_space(path: Path, need_bytes: int) -> None:
+    """Enough room for a save of `need_bytes` under `path`, and a place that can be written at all."""
     path = Path(path)
     while not path.exists():
         path = path.parent
+    probe = path / f".write-check-{os.getpid()}"
+    try:  # a read-only file system has free space too: try the write itself
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise LlamaLoraError(f"Cannot write under {path} ({e.strerror}). {_os_advice(e)}") from e
     free = shutil.disk_usage(path).free
     if free < need_bytes:
         raise LlamaLoraError(

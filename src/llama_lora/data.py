@@ -83,18 +83,22 @@ def available_splits(source: str) -> list[str]:
         raise hub_error(e, "data set", source) from e
 
 
-def load_split(source: str, split: str):
-    """One split (slicing like 'train[:1%]' allowed) as a datasets.Dataset."""
+def load_split(source: str, split: str, field: str = "data.train_split"):
+    """One split (slicing like 'train[:1%]' allowed) as a datasets.Dataset; `field` names the setting
+    that asked for it (data.train_split, ...) in the error for a slice that selects nothing."""
     from datasets import load_dataset
 
     builder, files = _data_files(source)
     try:
         if files is None:
-            return load_dataset(builder, split=split)
-        return load_dataset(builder, data_files=files, split=split)
+            ds = load_dataset(builder, split=split)
+        else:
+            ds = load_dataset(builder, data_files=files, split=split)
     except LlamaLoraError:
         raise
     except Exception as e:
+        if isinstance(e, ValueError) and "corresponds to no data" in str(e):
+            raise _empty_slice(source, split, field) from e
         if isinstance(e, ValueError) and "split" in str(e).lower():
             raise LlamaLoraError(f"Split '{split}' is not valid for data.source '{source}': {e}") from e
         if files is not None:
@@ -108,6 +112,23 @@ def load_split(source: str, split: str):
         from llama_lora.model import hub_error
 
         raise hub_error(e, "data set", source) from e
+    if len(ds) == 0 and "[" in split:
+        raise _empty_slice(source, split, field)
+    return ds
+
+
+def _empty_slice(source: str, split: str, field: str) -> LlamaLoraError:
+    """A slice that selects no rows is the setting's fault, not the data file's: say how many it had."""
+    name = split.split("[", 1)[0]
+    try:
+        rows = f"has {len(load_split(source, name))} rows"
+    except LlamaLoraError:
+        rows = "could not be read either"
+    return LlamaLoraError(
+        f"{field} '{split}' selects no rows of data.source '{source}': its '{name}' split {rows}, and the slice "
+        f"[{split.split('[', 1)[1]} is empty (a percentage of too few rows, or a start at or past the end). Widen "
+        f"it, e.g. {field}={name} or '{field}=\"{name}[:90%]\"' (Hydra needs the quotes around a slice)."
+    )
 
 
 def _first_bad_json(files) -> str | None:
@@ -136,9 +157,9 @@ def _first_bad_json(files) -> str | None:
 
 def load_train_eval(cfg: DataConfig, seed: int):
     """(train, eval) datasets: the named eval split, the data set's 'validation', or a held-out share."""
-    train = check_text_columns(load_split(cfg.source, cfg.train_split), cfg, cfg.train_split)
+    train = check_text_columns(load_split(cfg.source, cfg.train_split, "data.train_split"), cfg, cfg.train_split)
     if cfg.eval_split is not None:
-        return train, check_text_columns(load_split(cfg.source, cfg.eval_split), cfg, cfg.eval_split)
+        return train, check_text_columns(load_split(cfg.source, cfg.eval_split, "data.eval_split"), cfg, cfg.eval_split)
     if "validation" in available_splits(cfg.source):
         return train, check_text_columns(load_split(cfg.source, "validation"), cfg, "validation")
     if len(train) < 2:
@@ -150,7 +171,7 @@ def load_train_eval(cfg: DataConfig, seed: int):
 def load_test(cfg: DataConfig, seed: int):
     """The held-out split eval/baseline use: test_split, else 'test', else the training eval split."""
     if cfg.test_split is not None:
-        split, ds = cfg.test_split, load_split(cfg.source, cfg.test_split)
+        split, ds = cfg.test_split, load_split(cfg.source, cfg.test_split, "data.test_split")
     elif "test" in available_splits(cfg.source):
         split, ds = "test", load_split(cfg.source, "test")
     else:
@@ -237,6 +258,10 @@ def check_text_columns(ds, cfg: DataConfig, split: str, extra: tuple[str, ...] =
 class PromptFormat:
     kind: str  # "chat" | "alpaca"
     system_prompt: str | None = None
+    # The date chat templates that read one (Llama 3.x's `date_string`, else `strftime_now`) write into every
+    # prompt: fixed at training and saved here, so a prompt served on another day is the one trained on.
+    # None (runs saved before the field existed) leaves the template to its own default.
+    date_string: str | None = None
 
     @classmethod
     def choose(cls, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PromptFormat:
@@ -249,7 +274,13 @@ class PromptFormat:
                 "data.prompt_format=chat but the tokenizer has no chat template (a base model?). "
                 "Use data.prompt_format=alpaca or auto."
             )
-        return cls(kind=kind, system_prompt=cfg.system_prompt)
+        template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+        if kind == "chat" and "strftime_now" in template and "date_string" not in template:
+            log.warning("The tokenizer's chat template writes today's date (strftime_now) with no date_string "
+                        "variable to fix it: prompts will differ from training on another day. Give the tokenizer "
+                        "a template that reads date_string, or use data.prompt_format=alpaca.")
+        return cls(kind=kind, system_prompt=cfg.system_prompt,
+                   date_string=cfg.chat_template_date if kind == "chat" else None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -258,14 +289,19 @@ class PromptFormat:
         msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return msgs + list(history or []) + [{"role": "user", "content": user}]
 
+    def apply_template(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
+                       add_generation_prompt: bool = False) -> str:
+        """The chat template rendered as text with this format's fixed date (every consumer renders through here)."""
+        extra = {"date_string": self.date_string} if self.date_string is not None else {}
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **extra)
+
     def prompt(self, tokenizer: PreTrainedTokenizerBase, instruction: str, input: str = "",
                history: list[dict[str, str]] | None = None) -> str:
         """The text a model sees before it answers (training masks exactly this part)."""
         if self.kind == "chat":
             user = instruction if not input else f"{instruction}\n\n{input}"
-            return tokenizer.apply_chat_template(
-                self.messages(user, history), tokenize=False, add_generation_prompt=True
-            )
+            return self.apply_template(tokenizer, self.messages(user, history), add_generation_prompt=True)
         body = (ALPACA_WITH_INPUT if input else ALPACA_NO_INPUT).format(instruction=instruction, input=input)
         return (tokenizer.bos_token or "") + body
 
@@ -274,9 +310,7 @@ class PromptFormat:
         prompt = self.prompt(tokenizer, instruction, input)
         if self.kind == "chat":
             user = instruction if not input else f"{instruction}\n\n{input}"
-            full = tokenizer.apply_chat_template(
-                self.messages(user) + [{"role": "assistant", "content": output}], tokenize=False
-            )
+            full = self.apply_template(tokenizer, self.messages(user) + [{"role": "assistant", "content": output}])
             if not full.startswith(prompt):
                 raise LlamaLoraError(
                     "The tokenizer's chat template does not render the prompt as a prefix of the full "
@@ -326,6 +360,18 @@ def tokenize_example(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: st
         n_prompt = len(p)
     labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
     return ids, labels
+
+
+def check_positions(cfg: DataConfig, model_config) -> None:
+    """data.max_seq_length must fit the positions the model was trained for: beyond them RoPE meets angles
+    it never saw, and training on them teaches garbage without an error."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions and cfg.max_seq_length > positions:
+        raise LlamaLoraError(
+            f"data.max_seq_length={cfg.max_seq_length} is above the model's {positions} positions "
+            f"(max_position_embeddings in its config.json): tokens past {positions} would train on positions the "
+            f"model never learned. Set data.max_seq_length={positions} or less."
+        )
 
 
 def max_value_chars(max_seq_length: int) -> int:

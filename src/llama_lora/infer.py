@@ -23,7 +23,7 @@ from llama_lora import artifacts, runs
 from llama_lora import data as data_lib
 from llama_lora.config.schema import Config
 from llama_lora.errors import LlamaLoraError
-from llama_lora.generation import generate, generate_batched, generation_config
+from llama_lora.generation import describe, generate, generate_batched, generation_config
 from llama_lora.runs import Loaded
 
 log = logging.getLogger("llama_lora.infer")
@@ -33,8 +33,13 @@ def run(cfg: Config, prompt: str | None = None, input_file: str | None = None, o
         show_prompt: bool = False, stdin: TextIO | None = None, stdout: TextIO | None = None, prompt_input: str = ""):
     """One prompt -> its answer; an input file -> list of records; neither -> interactive chat."""
     stdout = stdout or sys.stdout
+    if prompt is not None and not prompt.strip():  # before loading anything
+        raise LlamaLoraError("The prompt is empty. Give the instruction as the argument, e.g. "
+                             "llama-lora infer \"Reverse the word.\" --input hello, or omit it to chat.")
     loaded = runs.load(cfg)
     torch.manual_seed(cfg.training.seed)  # reproducible sampling
+    set_by_user = [k for k in ("do_sample", "temperature", "top_p") if getattr(cfg.infer, k) is not None]
+    log.info(describe(_gen(loaded, cfg), set_by_user))
     if input_file is not None:
         return answer_file(loaded, cfg, Path(input_file), Path(output_file) if output_file else None, stdout)
     if prompt is not None:
@@ -46,6 +51,25 @@ def _gen(loaded: Loaded, cfg: Config, max_new_tokens: int | None = None):
     ic = cfg.infer
     return generation_config(loaded.model, loaded.tokenizer, max_new_tokens or ic.max_new_tokens, ic.do_sample,
                              ic.temperature, ic.top_p)
+
+
+def room_to_answer(loaded: Loaded, prompts: list[str], max_new_tokens: int, where: str = "The prompt") -> int:
+    """max_new_tokens, or less where the longest prompt leaves fewer of the model's positions; a prompt
+    that fills them all is an error (transformers would only warn and answer garbage)."""
+    positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    if not positions:
+        return max_new_tokens
+    longest = max(len(loaded.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    if longest >= positions:
+        raise LlamaLoraError(
+            f"{where} is {longest:,} tokens once formatted, and the model has {positions:,} positions in all "
+            f"(max_position_embeddings): no room left for an answer. Shorten it below {positions:,} tokens."
+        )
+    if longest + max_new_tokens > positions:
+        log.warning("%s is %d tokens: the answer is limited to the %d positions left of the model's %d "
+                    "(infer.max_new_tokens=%d).", where, longest, positions - longest, positions, max_new_tokens)
+        return positions - longest
+    return max_new_tokens
 
 
 def format_turn(loaded: Loaded, user: str, history: list[dict[str, str]] | None, input: str = "") -> str:
@@ -72,7 +96,8 @@ def answer(loaded: Loaded, cfg: Config, user: str, history: list[dict[str, str]]
     if show_prompt:
         print(f"--- prompt ---\n{prompt}\n--- end prompt ---", file=sys.stderr, flush=True)
     streamer = _Streamer(loaded.tokenizer, stdout)
-    reply = generate(loaded.model, loaded.tokenizer, [prompt], _gen(loaded, cfg), streamer=streamer)[0]
+    room = room_to_answer(loaded, [prompt], cfg.infer.max_new_tokens)
+    reply = generate(loaded.model, loaded.tokenizer, [prompt], _gen(loaded, cfg, room), streamer=streamer)[0]
     print(file=stdout, flush=True)
     return reply
 
@@ -109,7 +134,11 @@ def chat(loaded: Loaded, cfg: Config, stdin: TextIO, stdout: TextIO, show_prompt
         if user == "/reset":
             history = []
             continue
-        reply = answer(loaded, cfg, user, history, show_prompt, stdout)
+        try:
+            reply = answer(loaded, cfg, user, history, show_prompt, stdout)
+        except LlamaLoraError as e:  # e.g. a turn too long for the model: say so, keep the conversation
+            print(f"error: {e} (/reset clears the history)", file=sys.stderr, flush=True)
+            continue
         history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply.strip()}]
     return history
 
@@ -156,7 +185,8 @@ def answer_file(loaded: Loaded, cfg: Config, input_file: Path, output_file: Path
     prompts = [loaded.fmt.prompt(loaded.tokenizer, str(r.get("instruction") or r["prompt"]), str(r.get("input") or ""))
                for r in records]
     log.info("Answering %d prompts from %s in batches of %d", len(prompts), input_file, cfg.infer.batch_size)
-    replies = generate_batched(loaded.model, loaded.tokenizer, prompts, _gen(loaded, cfg), cfg.infer.batch_size)
+    room = room_to_answer(loaded, prompts, cfg.infer.max_new_tokens, f"The longest prompt of {input_file}")
+    replies = generate_batched(loaded.model, loaded.tokenizer, prompts, _gen(loaded, cfg, room), cfg.infer.batch_size)
     out = [r | {"response": a.strip()} for r, a in zip(records, replies)]
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out)
     if output_file is None:

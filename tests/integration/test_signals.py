@@ -68,3 +68,28 @@ def test_second_sigint_exits_at_once_even_mid_save(root, tiny_base, tmp_path):
     assert RunDir(run).checkpoint_dirs() == []
     assert len(list(ckpts.glob(".step-*.tmp-*"))) == 1
     assert RunDir(run).status()["status"] == "running"
+
+
+def test_ctrl_c_while_tokenizing_a_large_data_set_exits_at_once(tiny_base, tmp_path):
+    """Issue 19 kind 7: Ctrl-C during data loading/tokenizing (96k rows, one of them 30 MB) stops the
+    command within seconds, with "interrupted" and exit 130, and leaves no run that looks trained."""
+    import json
+
+    rows = [{"instruction": "Uppercase the word.", "input": f"word{i}", "output": f"WORD{i}"} for i in range(96_000)]
+    rows[50]["output"] = "word " * 6_000_000
+    data = tmp_path / "big.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = train_args(tiny_base, data, tmp_path, "big")
+    proc = TrainProc(args, tmp_path / "big.out")
+    proc.wait_until(lambda: "Runtime:" in proc.output(), timeout=120, what="the runtime line")
+    time.sleep(2)  # inside datasets' load or the tokenizer loop (tens of seconds here)
+    assert proc.proc.poll() is None, "finished before it could be interrupted"
+    proc.proc.send_signal(signal.SIGINT)
+    t0 = time.time()
+    rc = proc.wait(timeout=60)
+    waited = time.time() - t0
+    out = proc.output()
+    assert rc == 130 and "interrupted" in out and "Traceback" not in out, out[-3000:]
+    assert waited < 15, f"took {waited:.1f}s to stop"
+    assert "Training 10 steps" not in out
+    assert not (tmp_path / "big" / "adapter").exists() and not (tmp_path / "big" / "checkpoints").exists()

@@ -41,6 +41,7 @@ def load_config(overrides: list[str] | None = None, base: Config | dict | None =
 def compose_dict(overrides: list[str] | None = None, base: Config | dict | None = None) -> dict[str, Any]:
     """`load_config` before validation: a plain dict (experiment edits it before validating)."""
     overrides = list(overrides or [])
+    parsed = parse_overrides(overrides)  # a syntax error names the override and how to quote it
     if base is None:
         config_name, hydra_overrides = "config", overrides
     else:
@@ -49,7 +50,7 @@ def compose_dict(overrides: list[str] | None = None, base: Config | dict | None 
         config_name = _BASE_NODE
         hydra_overrides = [f"+{o.input_line}" if o.key_or_group in GROUPS and o.package is None
                            and not o.input_line.startswith(("+", "~")) else o.input_line
-                           for o in parse_overrides(overrides)]
+                           for o in parsed]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="llama_lora.conf", version_base=None):
@@ -63,10 +64,35 @@ def compose_dict(overrides: list[str] | None = None, base: Config | dict | None 
 
 def parse_overrides(overrides: list[str]):
     """Hydra's own parse of override strings (key, value, sweep or not), with a readable error."""
+    parser = OverridesParser.create()
     try:
-        return OverridesParser.create().parse_overrides(list(overrides))
+        return parser.parse_overrides(list(overrides))
     except Exception as e:
-        raise LlamaLoraError(f"Could not parse the overrides {list(overrides)}: {hydra_message(e)}") from e
+        bad = []
+        for o in overrides:  # which ones: Hydra's message names a token, not the override
+            try:
+                parser.parse_overrides([o])
+            except Exception:
+                bad.append(o)
+        if not bad:
+            raise LlamaLoraError(f"Could not parse the overrides {list(overrides)}: {hydra_message(e)}") from e
+        raise LlamaLoraError(quoting_hint(bad[0], hydra_message(e))) from e
+
+
+def quoting_hint(override: str, parser_message: str) -> str:
+    """The message for an override Hydra cannot parse: which one, why, and the quoted form that works."""
+    key, sep, value = override.partition("=")
+    msg = f"Could not parse the override '{override}' ({parser_message.split(' See https')[0]})."
+    if not sep or not value:
+        return msg + " An override is key=value, e.g. training.max_steps=100."
+    # Hydra's quotes go around the value; the shell's around the whole override, of the other kind.
+    shell = f"'{key}=\"{value}\"'" if '"' not in value else f"\"{key}='{value}'\""
+    syntax = (f"{msg} In Hydra's override syntax [ ] ( ) {{ }} , = : and spaces next to them have a meaning "
+              "(lists, sweeps, dicts)")
+    if value.lstrip().startswith(("[", "{")):
+        return (f"{syntax}: if the value is meant as a list or dict, close its brackets (key=[a,b], key={{k:v}}); "
+                f"if it is text, quote it for Hydra and the whole override again for the shell: {shell}")
+    return f"{syntax}, so a value holding them must be quoted for Hydra, and the whole override again for the shell: {shell}"
 
 
 def hydra_message(e: Exception) -> str:

@@ -44,9 +44,34 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "llama_lora"
 
 
+def check_cache_dir(root: Path) -> None:
+    """Before building into the cache (minutes of pre-training): it must be a folder we can write."""
+    from llama_lora.errors import LlamaLoraError
+
+    where = "LLAMA_LORA_CACHE" if os.environ.get("LLAMA_LORA_CACHE") else "the default cache"
+    existing = next(p for p in [root, *root.parents] if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-check-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise LlamaLoraError(
+            f"The embedded model and data are built into {root} ({where}), but {existing} "
+            f"{'is a file, not a folder' if not existing.is_dir() else f'cannot be written ({e.strerror})'}. "
+            "Point LLAMA_LORA_CACHE at a writable folder (export LLAMA_LORA_CACHE=~/.cache/llama_lora), or unset it."
+        ) from e
+
+
 def ensure_base_model(cache_dir: str | Path | None = None) -> Path:
     """Path of the embedded base model (``<cache>/tiny-llama-v2``), building it on first use."""
+    from .base_model import complete
+
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if not complete(root / BASE_MODEL_DIRNAME):
+        check_cache_dir(root)
     return build_base_model(root / BASE_MODEL_DIRNAME)  # returns at once when already built
 
 
@@ -60,6 +85,7 @@ def ensure_dataset(cache_dir: str | Path | None = None) -> Path:
     out = root / DATASET_DIRNAME
     if all((out / name).is_file() for name in SPLIT_FILES):
         return out
+    check_cache_dir(root)
     logger.info("generating the embedded instruction data set into %s", out)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
