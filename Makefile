@@ -22,8 +22,26 @@ $(STAMP): $(VENV)/bin/python pyproject.toml
 
 install: $(STAMP)
 
-quickstart: install
+# The quickstart needs only the package itself (no dev extras: a smaller first install); any install of the
+# current pyproject.toml (e.g. `make install`'s dev one) already has it.
+CORE_STAMP := $(VENV)/.installed-core-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+QS_STAMP := $(or $(firstword $(wildcard $(VENV)/.installed-*-$(shell cat pyproject.toml | cksum | cut -d' ' -f1))),$(CORE_STAMP))
+
+$(CORE_STAMP): $(VENV)/bin/python pyproject.toml
+	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -q -e .
+	touch $(CORE_STAMP)
+
+# Fine-tune, then show what it learned: base vs fine-tuned, per task family, on the held-out test split.
+quickstart: $(QS_STAMP)
 	$(VENV)/bin/llama-lora train experiment=quickstart
+	$(VENV)/bin/llama-lora eval
+	@echo ""
+	@echo "Next, try:"
+	@echo "  $(VENV)/bin/llama-lora infer \"Reverse the word.\" --input garden   # talk to the fine-tuned run"
+	@echo "  $(VENV)/bin/llama-lora infer                                      # chat with it (/exit ends)"
+	@echo "  $(VENV)/bin/llama-lora merge outputs/<run>                         # a standalone model"
+	@echo "  $(VENV)/bin/llama-lora experiment experiment=compare_lora_dora     # LoRA vs DoRA, ranks 4 and 16"
 
 test: install
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("llama_lora.merge", "merge a run's adapter into the base weights and verify the result"),
     "validate": ("llama_lora.validate", "check a configuration, the model, the data and memory before training"),
     "experiment": ("llama_lora.experiment", "run several configurations (preset, -m sweep or Optuna search), compare, plot"),
+    "serve": ("llama_lora.serve", "serve runs over an OpenAI-compatible API, with a chat page"),  # serve (#16)
+    "export": ("llama_lora.export", "write a run as a verified GGUF file (llama.cpp, Ollama) with a Modelfile"),  # export (#17)
 }
 
 USAGE = """usage: llama-lora <command> [options] [key=value ...]
@@ -148,6 +150,69 @@ def _experiment(args: list[str]) -> object:
     return summary
 
 
+# ---- serve (#16)
+def _serve(args: list[str]) -> object:
+    from llama_lora import runs
+    from llama_lora.config.schema import ServeConfig
+
+    rest, overrides, _ = split_args(args, run_dir_shorthand=False)
+    parser = _parser("serve")
+    parser.add_argument("runs", nargs="*", metavar="RUN_OR_MODEL",
+                        help="run directories on one base (default: the latest finished run), or one merged model")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' (default: $LLAMA_LORA_API_KEY)")
+    parser.add_argument("--api-key-file", help="read the API key from this file (keeps it out of `ps`)")
+    parser.add_argument("--print-vllm", action="store_true",
+                        help="check that vLLM can take the runs' adapters and print the `vllm serve` command")
+    for name, field in ServeConfig.model_fields.items():  # the limits: one flag per ServeConfig field
+        parser.add_argument("--" + name.replace("_", "-"), type=type(field.default), default=field.default,
+                            help=f"{field.description} (default: {field.default})")
+    ns = parser.parse_args(rest)
+    try:
+        serve_cfg = ServeConfig(**{n: getattr(ns, n) for n in ServeConfig.model_fields})
+    except ValueError as e:
+        err = e.errors()[0]
+        flag = "--" + str(err["loc"][0]).replace("_", "-")
+        raise LlamaLoraError(f"{flag} {err['input']} is invalid: {err['msg']}.") from None
+    key = ns.api_key
+    if key is None and ns.api_key_file:
+        try:
+            key = open(ns.api_key_file).read().strip()
+        except OSError as e:
+            raise LlamaLoraError(f"Cannot read --api-key-file {ns.api_key_file} ({e.strerror}).") from None
+        if not key:
+            raise LlamaLoraError(f"--api-key-file {ns.api_key_file} is empty. Write the key into it.")
+    key = key or os.environ.get("LLAMA_LORA_API_KEY") or None
+    cfgs = [runs.command_config("infer", overrides, r) for r in (ns.runs or [None])]
+    if ns.print_vllm:
+        from llama_lora.serve import vllm
+
+        print(vllm.command(cfgs))
+        return None
+    return _command("serve").run(cfgs, serve_cfg, host=ns.host, port=ns.port, api_key=key, overrides=overrides)
+# ---- end serve
+
+
+# ---- export (#17)
+def _export(args: list[str]) -> object:
+    from llama_lora import runs
+
+    rest, overrides, run_dir = split_args(args)
+    parser = _parser("export")
+    _run_dir_arg(parser, "run directory or merged model directory")
+    parser.add_argument("--format", default="gguf", help="output format: gguf (default)")
+    parser.add_argument("--dtype", default="f16", help="f16 (default), bf16, q8_0 or f32")
+    parser.add_argument("--output", help="folder to create for model.gguf, Modelfile, export.json "
+                                         "(default: <run>/gguf-<dtype>)")
+    parser.add_argument("--adapter", action="store_true",
+                        help="also write the LoRA alone as adapter.gguf (llama.cpp --lora, Ollama ADAPTER)")
+    ns = parser.parse_args(rest)
+    cfg = runs.command_config("export", overrides, ns.run_dir or run_dir)
+    return _command("export").run(cfg, fmt=ns.format, dtype=ns.dtype, output=ns.output, adapter=ns.adapter)
+# ---- end export
+
+
 _PARSERS = {
     "train": lambda a: _plain("train", a),
     "validate": lambda a: _plain("validate", a),
@@ -156,6 +221,8 @@ _PARSERS = {
     "merge": lambda a: _on_saved_run("merge", a),
     "baseline": _baseline,
     "experiment": _experiment,
+    "serve": _serve,
+    "export": _export,
 }
 
 
@@ -181,6 +248,51 @@ def setup_logging(debug: bool = False) -> None:
         datasets.disable_progress_bars()
     except ImportError:
         pass
+    quiet_third_party(sys.stderr.isatty())
+
+
+# Third-party messages a user of llama-lora cannot act on, each matched exactly (logger, message start), so
+# that everything else, our own warnings first, still shows:
+_THIRD_PARTY_NOISE = {
+    # bitsandbytes on import, on any CPU with AVX512-BF16: an optional 4-bit CPU kernel package is absent.
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+    # Llama 3's tokenizer_config.json sets clean_up_tokenization_spaces=true; transformers ignores it for BPE.
+    "transformers.tokenization_utils_tokenizers": ("Ignoring clean_up_tokenization_spaces=True for BPE tokenizer",),
+}
+# PEFT 0.21 calls transformers 5's deprecated aliases; nothing the user runs or configures reaches them.
+_THIRD_PARTY_WARNINGS = (
+    r"`is_gradient_checkpointing` is deprecated and will be removed in v6",
+    r"`gradient_checkpointing_enable` is deprecated and will be removed in v6",
+    r"`gradient_checkpointing_disable` is deprecated and will be removed in v6",
+)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet_third_party(terminal: bool) -> None:
+    """Silence the third-party messages above (narrowly), and transformers' weight-loading bars off a terminal."""
+    import warnings
+
+    for name, starts in _THIRD_PARTY_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(starts))
+    for message in _THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    if not terminal:  # a bar redrawn with \r is noise in a log file; a terminal keeps it
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     setup_logging(debug)
     try:
+        from llama_lora.artifacts import check_cache_env
+
+        check_cache_env()  # HF_HOME & co. pointing at a file: say so, not what happened to be read first
         _PARSERS[name](args)
     except LlamaLoraError as e:
         if debug:

@@ -26,22 +26,57 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
-def generation_config(model, tokenizer, max_new_tokens: int, do_sample: bool = False,
-                      temperature: float = 1.0, top_p: float = 1.0) -> GenerationConfig:
-    kwargs: dict[str, Any] = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=stop_token_ids(model, tokenizer),
-        pad_token_id=tokenizer.pad_token_id, **kwargs,
-    )
+_SAMPLING = ("do_sample", "temperature", "top_p", "top_k")
+
+
+def model_sampling(model) -> dict[str, Any]:
+    """The sampling the model's own generation_config asks for (Llama-3.2-Instruct: sampling at
+    temperature 0.6, top_p 0.9); greedy when it has none."""
+    mg = getattr(model, "generation_config", None)
+    values = {k: getattr(mg, k, None) for k in _SAMPLING}
+    values["do_sample"] = bool(values["do_sample"])
+    return values
+
+
+def generation_config(model, tokenizer, max_new_tokens: int, do_sample: bool | None = False,
+                      temperature: float | None = None, top_p: float | None = None) -> GenerationConfig:
+    """Stop at every end-of-turn token; decode greedily, or sample; None = what the model's generation_config says.
+
+    generate() fills every field left None from the model's generation_config, so greedy decoding sets the
+    sampling fields to their neutral values: a model that samples (Llama-3.2-Instruct: temperature 0.6,
+    top_p 0.9) would otherwise hand them over and transformers would warn that they are ignored.
+    """
+    defaults = model_sampling(model)
+    do_sample = defaults["do_sample"] if do_sample is None else do_sample
+    if do_sample:
+        sampling = {"temperature": defaults["temperature"] if temperature is None else temperature,
+                    "top_p": defaults["top_p"] if top_p is None else top_p, "top_k": defaults["top_k"]}
+    else:  # transformers' own neutral values (GenerationConfig._get_default_generation_params)
+        sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                            eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+                            **{k: v for k, v in sampling.items() if v is not None})
+
+
+def describe(gen: GenerationConfig, set_by_user: list[str]) -> str:
+    """One line saying how infer decodes and where that came from."""
+    how = (f"sampling (temperature {gen.temperature if gen.temperature is not None else 1.0}, top_p "
+           f"{gen.top_p if gen.top_p is not None else 1.0}{f', top_k {gen.top_k}' if gen.top_k else ''})"
+           if gen.do_sample else "greedy decoding")
+    where = (f"{', '.join('infer.' + k for k in set_by_user)} as set, the rest from the model's generation_config"
+             if set_by_user else "the model's generation_config (set infer.do_sample/temperature/top_p to change it)")
+    return f"Generation: {how}, stopping at token ids {list(gen.eos_token_id or [])}: {where}"
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, streamer=None) -> list[str]:
-    """Answers to already-formatted prompts, batched with left padding (so every row ends at its prompt)."""
+def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, streamer=None,
+             stopping_criteria=None) -> list[str]:
+    """Answers to already-formatted prompts, batched with left padding (so every row ends at its prompt).
+    `stopping_criteria` (a StoppingCriteriaList) lets serve stop single rows (per-request limits, cancels)."""
     tokenizer.padding_side = "left"
     # The prompts carry their own special tokens (bos from the template), exactly as in training.
     enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
-    out = model.generate(**enc, generation_config=gen, streamer=streamer)
+    out = model.generate(**enc, generation_config=gen, streamer=streamer, stopping_criteria=stopping_criteria)
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 

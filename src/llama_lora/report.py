@@ -44,6 +44,21 @@ def best_run(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
     return min(scored, key=lambda r: (sign * r[metric], _number(r.get("eval_loss")) or math.inf))
 
 
+def tied_runs(rows: list[dict[str, Any]], metric: str, best: dict[str, Any] | None) -> list[str]:
+    """Names of the runs whose compared metric equals the best run's, when more than one does; else []."""
+    if best is None:
+        return []
+    tied = [r["run"] for r in rows if r["status"] in ("finished", "skipped") and _number(r.get(metric)) is not None
+            and math.isclose(r[metric], best[metric], rel_tol=1e-9, abs_tol=1e-12)]
+    return tied if len(tied) > 1 else []
+
+
+def tie_note(summary: dict[str, Any]) -> str:
+    tied = summary.get("tied") or []
+    return (f"a tie on {summary['metric']} between {', '.join(tied)} (marked =; * breaks it by the lower eval loss)"
+            if tied else "")
+
+
 def resolve_metric(cfg: Config, rows: list[dict[str, Any]]) -> str:
     if cfg.experiment.metric != "auto":
         return cfg.experiment.metric
@@ -58,6 +73,9 @@ def write_tables(exp_dir: Path, rows: list[dict[str, Any]], cfg: Config) -> dict
         "experiment": exp_dir.name, "dir": str(exp_dir), "metric": metric,
         "direction": "minimize" if LOWER_IS_BETTER[metric] else "maximize",
         "best": best["run"] if best else None,
+        # Runs sharing the best value of the compared metric: a tie is reported as one (best then only breaks
+        # it by the lower eval loss).
+        "tied": tied_runs(rows, metric, best),
         "mode": "search" if cfg.experiment.search.n_trials else "grid",
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": rows,
     }
@@ -114,9 +132,11 @@ def print_table(summary: dict[str, Any], console: Console | None = None) -> None
     for r in summary["runs"]:
         style = {"failed": "red", "interrupted": "yellow", "skipped": "dim"}.get(r["status"])
         cells = [_cell(k, r.get(k)) for k in keys]
-        cells[0] += " *" if r["run"] == summary["best"] else ""
+        cells[0] += " *" if r["run"] == summary["best"] else " =" if r["run"] in (summary.get("tied") or []) else ""
         table.add_row(*cells, style=style)
     console.print(table)
+    if summary.get("tied"):
+        console.print(tie_note(summary).capitalize() + ".")
     console.print(f"Summary and plots in {summary['dir']}")
 
 
@@ -126,7 +146,7 @@ def to_markdown(summary: dict[str, Any]) -> str:
 
     lines = [f"# Experiment {summary['experiment']}", "",
              f"Compared metric: **{summary['metric']}** ({summary['direction']}); best run: "
-             f"**{summary['best'] or '-'}**.", "",
+             f"**{summary['best'] or '-'}**" + (f"; {tie_note(summary)}" if summary.get("tied") else "") + ".", "",
              "| " + " | ".join(_HEADERS.values()) + " |",
              "|" + "|".join("---:" if k not in ("run", "status", "overrides", "error") else "---" for k in _HEADERS) + "|"]
     for r in summary["runs"]:
