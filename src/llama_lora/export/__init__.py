@@ -1,0 +1,239 @@
+"""`llama-lora export RUN --format gguf --dtype f16|bf16|q8_0|f32 [--output DIR]`: a run as one GGUF file
+for llama.cpp and Ollama, verified against the merged model before it appears.
+
+DIR (default `<run>/gguf-<dtype>`, must not exist) receives `model.gguf`, an Ollama `Modelfile` and
+`export.json`. The run's adapter is merged into a temporary folder (merge's own verification included),
+converted with llama.cpp's converter (vendored, pinned: _vendor/llama_cpp/README.md), and the file is
+read back: every tensor dequantized and compared with the merged weights, the vocabulary, special ids,
+chat template and stop tokens compared with the run's tokenizer, and, where llama-cpp-python is
+installed, the file loaded in llama.cpp: its tokenizer on sample texts and its greedy continuations vs
+transformers' on the merged model. Everything is written into a temporary sibling folder that is renamed
+to DIR only once all checks pass; on a mismatch the error names it and nothing is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from llama_lora import artifacts, runs
+from llama_lora.artifacts import RunDir
+from llama_lora.config.schema import Config
+from llama_lora.errors import LlamaLoraError
+
+log = logging.getLogger("llama_lora.export")
+
+FORMATS = ("gguf",)
+# What the converter writes itself (convert_hf_to_gguf --outtype), in bytes per weight for the space check.
+DTYPES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+# llama.cpp's other quantizations are made from a 16-bit GGUF by its C++ `llama-quantize`; gguf-py can
+# dequantize them but not quantize, so the converter does not offer them.
+K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_0", "q4_1", "q4_k_s", "q4_k_m", "q5_0", "q5_1",
+            "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0")
+CONVERTER = Path(__file__).with_name("convert.py")
+VENDORED_LLAMA = Path(__file__).resolve().parents[1] / "_vendor" / "llama_cpp" / "conversion" / "llama.py"
+
+
+def supported_architectures() -> set[str]:
+    """The `architectures` names the vendored converter module registers (read from its decorators)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(VENDORED_LLAMA.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "register":
+            names |= {a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)}
+    return names - {"LlavaForConditionalGeneration", "VoxtralForConditionalGeneration"}  # need vision/audio parts
+
+
+def run(cfg: Config, fmt: str = "gguf", dtype: str = "f16", output: str | None = None, adapter: bool = False) -> Path:
+    t0 = time.time()
+    dtype = dtype.lower()
+    if fmt not in FORMATS:
+        raise LlamaLoraError(f"Unknown export format '{fmt}'. Supported: {', '.join(FORMATS)}.")
+    if dtype not in DTYPES:
+        hint = (f" '{dtype}' is one of llama.cpp's quantizations that only its C++ tool makes: export f16, then run "
+                f"`llama-quantize model.gguf model-{dtype}.gguf {dtype.upper()}` from llama.cpp."
+                if dtype in K_QUANTS else "")
+        raise LlamaLoraError(f"Unknown --dtype '{dtype}'. The converter writes {', '.join(DTYPES)}.{hint}")
+    target = runs.resolve(cfg.infer.run_dir, cfg.output_dir)
+    if runs.is_run_dir(target) and not RunDir(target).is_finished():
+        status = RunDir(target).status().get("status", "unknown")
+        raise LlamaLoraError(f"Run {target} is not finished (status '{status}'), so its adapter is not final. "
+                             "Finish or resume its training (`llama-lora train ... training.resume=auto`), then export.")
+    out = Path(output).expanduser() if output else (
+        target / f"gguf-{dtype}" if runs.is_run_dir(target) else target.parent / f"{target.name}-gguf-{dtype}")
+    if out.exists():
+        raise LlamaLoraError(f"The output {out} already exists. Choose another --output or remove it first; "
+                             "export never overwrites.")
+    model_dir = target if not runs.is_run_dir(target) else None
+    if adapter:
+        if model_dir is not None:
+            raise LlamaLoraError(f"{target} is a merged model, with no adapter to export alone. Give --adapter a run "
+                                 "directory.")
+        adapter_config = artifacts.read_json(RunDir(target).adapter / "adapter_config.json")
+        if adapter_config.get("use_dora"):
+            raise LlamaLoraError("The run's adapter is DoRA, which llama.cpp's LoRA adapters cannot express (no "
+                                 "magnitude vector). Export without --adapter: the merged model carries the DoRA update.")
+    source = model_dir or _local(runs.base_model_of(target, cfg))
+    arch = (json.loads((source / "config.json").read_text()).get("architectures") or ["?"])[0]
+    if arch not in supported_architectures():
+        raise LlamaLoraError(
+            f"The base model's architecture {arch} cannot be exported: llama-lora ships llama.cpp's converter for "
+            f"the Llama family (LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM and "
+            f"{len(supported_architectures()) - 3} more). Use llama.cpp's own "
+            "convert_hf_to_gguf.py on `llama-lora merge`'s output for other architectures.")
+    with runs.writing_into(cfg, "export") as cfg:
+        _check_space(target, cfg, out, dtype, model_dir)
+        artifacts.clean_stale(out.parent)
+        with artifacts.atomic_dir(out) as tmp:
+            report = _export(cfg, tmp, dtype, model_dir, adapter)
+            report["seconds"] = round(time.time() - t0, 1)
+            artifacts.write_json(tmp / "export.json", report)
+    t = report["tensors"]
+    print(f"exported: {out / 'model.gguf'}  ({dtype}, {t['compared']} tensors within tolerance, max relative error "
+          f"{t['max_rel_error']:.3g}; tokenizer, chat template and stop tokens match"
+          + (f"; llama.cpp greedy {report['llama_cpp']['greedy_same']} same" if "greedy_same" in report["llama_cpp"]
+             else f"; llama.cpp crashed: {report['llama_cpp']['crashed']}" if "crashed" in report["llama_cpp"]
+             else "; llama.cpp not installed") + f"). Ollama: cd {out} && ollama create NAME -f Modelfile")
+    if report["adapter"]:
+        print(f"adapter alone: {out / 'adapter.gguf'}  ({report['adapter']['compared']} LoRA tensors within tolerance; "
+              "for llama.cpp --lora on the base model)")
+    return out
+
+
+def _local(base: str) -> Path:
+    """The folder holding a base model: a path, or a hub id's snapshot in the local cache."""
+    if Path(base).expanduser().is_dir():
+        return Path(base).expanduser()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(base, local_files_only=True))
+    except Exception as e:
+        raise LlamaLoraError(f"The run's base model {base} is not in the local hub cache; download it first.") from e
+
+
+def _weights_bytes(model_path: Path) -> tuple[int, int]:
+    """(number of weights, bytes on disk) of a safetensors checkpoint, from its headers."""
+    n, size = 0, 0
+    for f in Path(model_path).glob("*.safetensors"):
+        size += f.stat().st_size
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for k, v in header.items():
+            if k != "__metadata__":
+                count = 1
+                for d in v["shape"]:
+                    count *= d
+                n += count
+    return n, size
+
+
+def _check_space(target: Path, cfg: Config, out: Path, dtype: str, model_dir: Path | None) -> None:
+    """Before anything is written: room for the temporary merged model plus the GGUF, beside `out`."""
+    n, size = _weights_bytes(model_dir or _local(runs.base_model_of(target, cfg)))
+    need = (0 if model_dir else size) + int(n * DTYPES[dtype]) + 64 * 2**20
+    artifacts.check_free_space(out.parent, need)
+
+
+def _export(cfg: Config, tmp: Path, dtype: str, model_dir: Path | None, adapter: bool = False) -> dict:
+    from llama_lora import merge, model as model_lib
+    from llama_lora.export import modelfile, verify
+
+    merge_report = None
+    if model_dir is None:  # a run: merge (verified by merge itself) into the temporary folder
+        with contextlib.redirect_stdout(sys.stderr):  # merge's "merged model: <temporary folder>" line is no result
+            model_dir = merge.merge_into(cfg, tmp / "merged")
+        merge_report = json.loads((model_dir / "merge.json").read_text())
+    gguf_path = tmp / "model.gguf"
+    _convert(model_dir, gguf_path, dtype)
+
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = model_lib.load_tokenizer(str(model_dir), cfg.model)
+    fmt = runs.read_prompt_format(model_dir, cfg, tokenizer)
+    gen_path = model_dir / "generation_config.json"
+    gen_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    reader = gguf.GGUFReader(gguf_path)
+    tensors, problems = verify.compare_tensors(reader, model_dir, dtype)
+    prompts = [fmt.prompt(tokenizer, i, x) for i, x in merge.SAMPLE_PROMPTS]
+    texts = verify.SAMPLE_TEXTS + prompts + ["".join(tokenizer.all_special_tokens)]
+    tok_report, tok_problems = verify.compare_tokenizer(reader, tokenizer, gen_config, texts)
+    problems += tok_problems
+    del reader  # the memory map of the file
+    if problems:
+        _refuse(problems)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    cpp, cpp_problems = verify.llama_cpp_check(gguf_path, model, tokenizer, texts, prompts,
+                                               tok_report["stop_token_ids"], strict=dtype in ("f32", "f16"))
+    problems += cpp_problems
+    if "tokenizer_texts" not in cpp:  # llama.cpp not installed (or it crashed): transformers' GGUF tokenizer
+        tok_ids, more = verify.gguf_tokenizer_ids(gguf_path, tokenizer, texts)
+        tok_report["ids"] = tok_ids
+        problems += more
+    else:
+        tok_report["ids"] = {"checked_by": "llama.cpp", "texts": len(texts)}
+    del model
+    if problems:
+        _refuse(problems)
+
+    add_bos = cpp.get("add_bos", _llama_cpp_adds_bos(tok_report))
+    template = modelfile.ollama_template(tokenizer, fmt, add_bos)
+    params = modelfile.sampling_parameters(model_dir, json.loads((model_dir / "config.json").read_text()).get(
+        "max_position_embeddings"))
+    (tmp / "Modelfile").write_text(modelfile.render(gguf_path.name, template, tok_report["stop_tokens"], params,
+                                                    fmt.system_prompt))
+    size = gguf_path.stat().st_size
+    adapter_report = None
+    if adapter:  # the LoRA alone, for llama.cpp's --lora / Ollama's ADAPTER on the base model
+        run_dir = RunDir(Path(cfg.infer.run_dir))
+        base_dir = _local(runs.base_model_of(run_dir.path, cfg))
+        _convert(base_dir, tmp / "adapter.gguf", dtype, lora=run_dir.adapter)
+        adapter_report, problems = verify.compare_lora(gguf.GGUFReader(tmp / "adapter.gguf"), run_dir.adapter,
+                                                       base_dir, dtype)
+        if problems:
+            _refuse(problems)
+    shutil.rmtree(tmp / "merged", ignore_errors=True)  # only the GGUF is the product
+    return {"format": "gguf", "dtype": dtype, "file": gguf_path.name, "bytes": size,
+            "source": str(cfg.infer.run_dir), "converter": "llama.cpp convert_hf_to_gguf @0c1e570 (llama-cpp-python 0.3.36)",
+            "merge": merge_report, "tensors": tensors, "adapter": adapter_report, "tokenizer": tok_report, "llama_cpp": cpp,
+            "modelfile": {"template": "derived" if template is not None else "gguf chat_template (not expressible)",
+                          "stops": tok_report["stop_tokens"], "parameters": params}}
+
+
+def _llama_cpp_adds_bos(tok: dict) -> bool:
+    """Whether llama.cpp puts BOS before a prompt itself: the GGUF's flag, else its default for the vocabulary
+    (llama-vocab.cpp: SentencePiece and Llama-3's BPE yes, GPT-2's no). Asked of llama.cpp where installed."""
+    if tok["add_bos_token"] is not None:
+        return bool(tok["add_bos_token"])
+    return tok["model"] == "llama" or tok["pre_tokenizer"] in ("llama3", "llama-v3", "llama-bpe")
+
+
+def _refuse(problems: list[str]) -> None:
+    shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+    raise LlamaLoraError(f"Export verification failed: {shown}. Nothing was written. The converter and the "
+                         "merged model disagree; run with --debug and report it with the run's config.yaml.")
+
+
+def _convert(model_dir: Path, gguf_path: Path, dtype: str, lora: Path | None = None) -> None:
+    """convert_hf_to_gguf (or, with `lora`, convert_lora_to_gguf on that adapter) in a child process: its
+    gguf-py must not meet PyPI's gguf in this interpreter."""
+    extra = ["--lora", str(lora)] if lora else []
+    proc = subprocess.run([sys.executable, str(CONVERTER), *extra, str(model_dir), str(gguf_path), "--outtype", dtype],
+                          capture_output=True, text=True)
+    if proc.returncode != 0 or not gguf_path.is_file():
+        lines = [ln for ln in (proc.stderr or "").splitlines() if ln.strip() and not ln.startswith(("hf-to-gguf: **", " "))]
+        last = lines[-1] if lines else f"exit status {proc.returncode}"
+        why = (" The tokenizer's pre-tokenizer is neither one llama.cpp knows by hash nor GPT-2's or Llama-3's "
+               "byte-level regex, so llama.cpp would split text differently than the run did; it cannot be exported."
+               if "pre-tokenizer was not recognized" in last else "")
+        log.debug("converter output:\n%s", proc.stderr)
+        raise LlamaLoraError(f"llama.cpp's converter failed on {model_dir}: {last}.{why} Nothing was written.")

@@ -1,0 +1,92 @@
+"""`llama-lora export` through the real CLI on the shared quickstart run: the GGUF read back and compared
+with the run merged here, the Modelfile's contents, bad input refused with one paragraph; and, where
+llama-cpp-python is installed, the file run in llama.cpp (same greedy tokens as transformers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.helpers import error_paragraph, run_cli
+
+
+@pytest.fixture(scope="module")
+def exported(quickstart_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "qs-f16"
+    proc = run_cli("export", str(quickstart_run), "--format", "gguf", "--dtype", "f16", "--output", str(out), "--adapter")
+    return out, proc
+
+
+def test_export_round_trip(exported, quickstart_run):
+    out, proc = exported
+    assert f"exported: {out / 'model.gguf'}" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "adapter.gguf", "export.json", "model.gguf"]
+    assert not (quickstart_run / "merged").exists() and not (quickstart_run / "gguf-f16").exists()
+    report = json.loads((out / "export.json").read_text())
+    assert report["dtype"] == "f16" and report["tensors"]["compared"] == 20 and report["tensors"]["max_rel_error"] < 1e-3
+
+    # Independent reference: the run merged here with PEFT, compared with the file as llama.cpp reads it.
+    base = AutoModelForCausalLM.from_pretrained(json.loads((quickstart_run / "run.json").read_text())["base_model"])
+    merged = PeftModel.from_pretrained(base, quickstart_run / "adapter").merge_and_unload().state_dict()
+    reader = gguf.GGUFReader(out / "model.gguf")
+    t = {rt.name: rt for rt in reader.tensors}
+    assert t["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    for gname, hname in [("token_embd.weight", "model.embed_tokens.weight"),
+                         ("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj.weight"),
+                         ("output_norm.weight", "model.norm.weight")]:
+        got = torch.from_numpy(np.array(gguf.quants.dequantize(t[gname].data, t[gname].tensor_type), dtype=np.float32))
+        assert torch.allclose(got, merged[hname], atol=1e-3 * float(merged[hname].abs().max())), gname
+
+    # Tokenizer and stops as stored: the run's vocabulary, eos = <|eot_id|>, its chat template.
+    tok = AutoTokenizer.from_pretrained(quickstart_run / "tokenizer")
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert tokens == tok.convert_ids_to_tokens(list(range(len(tok))))
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tok.convert_tokens_to_ids("<|eot_id|>")
+    assert reader.fields["tokenizer.chat_template"].contents() == tok.chat_template
+    assert report["tokenizer"]["stop_tokens"] == ["<|end_of_text|>", "<|eot_id|>"]
+
+    # The adapter alone: its B matrix of q_proj in llama.cpp's row order, alpha as trained.
+    lora = {rt.name: rt for rt in gguf.GGUFReader(out / "adapter.gguf").tensors}
+    b = lora["blk.0.attn_q.weight.lora_b"]
+    got = torch.from_numpy(np.array(gguf.quants.dequantize(b.data, b.tensor_type), dtype=np.float32))
+    want = load_file(quickstart_run / "adapter" / "adapter_model.safetensors")[
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    want = want.reshape(4, 2, -1, want.shape[1]).swapaxes(1, 2).reshape(want.shape)  # 4 heads, rotary halves interleaved
+    assert torch.allclose(got, want, atol=1e-3 * float(want.abs().max()))
+    assert report["adapter"]["compared"] == len(lora) and report["adapter"]["lora_alpha"] == 32.0
+
+    modelfile = (out / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model.gguf\n")
+    assert ('TEMPLATE """<|begin_of_text|>{{ range .Messages }}{{ if eq .Role "system" }}'
+            "<|start_header_id|>system<|end_header_id|>\n\n{{ .Content }}<|eot_id|>") in modelfile
+    assert modelfile.count('PARAMETER stop "<|eot_id|>"') == 1 and 'PARAMETER stop "<|end_of_text|>"' in modelfile
+    assert "PARAMETER temperature 0.0" in modelfile and "PARAMETER num_ctx 512" in modelfile
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed (pip install 'llama-lora[llamacpp]'): the GGUF is not run in llama.cpp")
+def test_llama_cpp_generates_what_transformers_generates(exported):
+    report = json.loads((exported[0] / "export.json").read_text())
+    cpp = report["llama_cpp"]
+    assert cpp["available"] and report["tokenizer"]["ids"]["checked_by"] == "llama.cpp", cpp
+    assert cpp["greedy_same"] == "4/4" and all(len(g["llama_cpp"]) > 1 for g in cpp["greedy"]), cpp["greedy"]
+    assert cpp["add_bos"] is False  # so the Modelfile's template writes <|begin_of_text|> itself
+
+
+def test_export_bad_input_cli(quickstart_run, tmp_path):
+    proc = run_cli("export", str(quickstart_run), "--dtype", "q4_k_m", "--output", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "Unknown --dtype 'q4_k_m'" in error_paragraph(proc.stderr) and "llama-quantize" in proc.stderr
+    (tmp_path / "exists").mkdir()
+    proc = run_cli("export", str(quickstart_run), "--output", str(tmp_path / "exists"), check=False)
+    assert proc.returncode == 2 and "already exists" in error_paragraph(proc.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"] and not list((tmp_path / "exists").iterdir())
