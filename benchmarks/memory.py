@@ -75,12 +75,17 @@ class _PeakRss:
     """Peak resident memory of this process while active, sampled from /proc/self/statm."""
 
     def __init__(self, every: float = 0.005):
-        self.every, self.peak, self._stop = every, 0, threading.Event()
+        self.every, self.peak, self.peak_anon, self._stop = every, 0, 0, threading.Event()
         self._page = os.sysconf("SC_PAGE_SIZE")
 
     def _rss(self) -> int:
+        """Resident bytes; also tracks the anonymous part (resident minus file-backed/shared pages, e.g.
+        an mmapped safetensors file), what the process itself allocated."""
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
+            fields = f.read().split()
+        resident, shared = int(fields[1]) * self._page, int(fields[2]) * self._page
+        self.peak_anon = max(self.peak_anon, resident - shared)
+        return resident
 
     def _run(self):
         while not self._stop.is_set():
@@ -157,7 +162,7 @@ def run_row(name: str, model_dir: Path, steps: int) -> dict:
         "row": name, **row, "layers": AutoConfig.from_pretrained(model_dir).num_hidden_layers, "steps": steps,
         "tokens_per_step": MICRO * SEQ, "step_s": sum(timed) / len(timed), "first_step_s": times[0],
         "tokens_per_s": MICRO * SEQ / (sum(timed) / len(timed)), "loss": losses,
-        "peak_rss_train_gib": rss.peak / GiB,
+        "peak_rss_train_gib": rss.peak / GiB, "peak_anon_train_gib": rss.peak_anon / GiB,
         "peak_rss_process_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB,
         "planned_gib": plan.total_bytes / GiB, "plan": {k: v / GiB for k, v in plan.breakdown.items()},
         "training_step": runtime.lean.describe(),

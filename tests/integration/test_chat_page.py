@@ -50,7 +50,7 @@ def test_chat_page_streams_the_answer_of_the_picked_model(page_server, browser):
     wait = WebDriverWait(browser, 30)
     wait.until(lambda d: len(Select(d.find_element(By.ID, "model")).options) == 2)
     assert [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "model")).options] == \
-        ["qs", "tiny-llama-v2"]
+        ["qs", "tiny-llama-v3"]
     Select(browser.find_element(By.ID, "model")).select_by_value("qs")
     for field, value in (("temperature", "0"), ("max_tokens", "24")):
         box = browser.find_element(By.ID, field)

@@ -151,8 +151,8 @@ def chat_body(model="qs", **kw) -> dict:
 
 def test_models_lists_each_run_and_the_base(server, quickstart_run, second_run):
     models = {m.id: m for m in client(server).models.list().data}
-    assert set(models) == {"qs", "second", "tiny-llama-v2"}
-    assert models["tiny-llama-v2"].model_extra["kind"] == "base"
+    assert set(models) == {"qs", "second", "tiny-llama-v3"}
+    assert models["tiny-llama-v3"].model_extra["kind"] == "base"
     assert server.log.read_text().count("Loading the base model") == 1  # one copy for both runs
 
 
@@ -179,7 +179,7 @@ def test_answers_equal_infer_for_each_adapter_streamed_or_not(server, quickstart
         assert done.choices[0].text.strip() == expected
         answers[name] = expected
     assert answers["second"] != answers["qs"]  # each request really runs its own adapter
-    base = c.chat.completions.create(model="tiny-llama-v2", messages=[{"role": "user", "content": PROMPT}],
+    base = c.chat.completions.create(model="tiny-llama-v3", messages=[{"role": "user", "content": PROMPT}],
                                      temperature=0)
     assert base.choices[0].message.content.strip() != answers["qs"]  # the base is not the fine-tuned run
 

@@ -231,3 +231,48 @@ def test_ensure_base_model_uses_cache_dir(tmp_path, monkeypatch):
     assert embedded.ensure_base_model() == tmp_path / embedded.BASE_MODEL_DIRNAME
     assert embedded.ensure_base_model(tmp_path / "x") == tmp_path / "x" / embedded.BASE_MODEL_DIRNAME
     assert len(calls) == 2
+
+
+# --- the shipped pre-trained base ---------------------------------------------------------
+
+
+def _greedy_accuracy(model_dir, tasks: dict, n: int = 48) -> float:
+    """Exact match of greedy answers on n fresh records of `tasks` (chat-rendered, batch of one)."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    right = 0
+    for rec in data.generate_records(n, seed=123, tasks=tasks):
+        prompt = tok.apply_chat_template(data.to_messages(rec)[:1], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+        right += tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip() == rec["output"]
+    return right / n
+
+
+def test_shipped_base_is_installed_not_pretrained_and_knows_its_pretraining_tasks(tmp_path, monkeypatch):
+    """The package ships the recipe's pre-trained weights (checksummed): a first run copies them in a
+    second. They are the pre-trained model, not an initialisation: greedy answers to fresh records of
+    the pre-training tasks are right, and the fine-tune families are not solved by the base."""
+    shipped = json.loads((base_model.SHIPPED / "embedded.json").read_text())
+    assert shipped["pretrain_steps"] == base_model.PRETRAIN_STEPS and shipped["pretrain_tasks"] == sorted(data.PRETRAIN_TASKS)
+    monkeypatch.setattr(base_model, "pretrain", lambda *a, **k: pytest.fail("pre-trained instead of installing"))
+    out = base_model.build_base_model(tmp_path / "base")
+    info = json.loads((out / "embedded.json").read_text())
+    assert info["source"] == "shipped" and info["sha256"] == shipped["sha256"]
+    assert _greedy_accuracy(out, data.PRETRAIN_TASKS) >= 0.8
+    assert _greedy_accuracy(out, data.FINETUNE_TASKS) <= 0.1
+
+
+def test_a_damaged_shipped_base_is_refused_with_what_to_do(tmp_path):
+    from llama_lora.errors import LlamaLoraError
+
+    damaged = tmp_path / "shipped"
+    damaged.mkdir()
+    (damaged / "embedded.json").write_text((base_model.SHIPPED / "embedded.json").read_text())
+    raw = bytearray((base_model.SHIPPED / "model.safetensors").read_bytes())
+    raw[-1] ^= 0xFF
+    (damaged / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(LlamaLoraError, match="damaged. Reinstall"):
+        base_model.build_base_model(tmp_path / "base", shipped=damaged)
+    assert not (tmp_path / "base").exists()

@@ -19,11 +19,11 @@ from .tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
 
-BASE_MODEL_DIRNAME = "tiny-llama-v2"
-DATASET_DIRNAME = "embedded-instructions-v2"
+BASE_MODEL_DIRNAME = "tiny-llama-v3"
+DATASET_DIRNAME = "embedded-instructions-v3"
 SPLIT_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl")
 # Sizes of the embedded data set (balanced over the FINETUNE_TASKS families).
-DATASET_SIZES = {"n_train": 4000, "n_validation": 200, "n_test": 400}
+DATASET_SIZES = {"n_train": 3200, "n_validation": 200, "n_test": 400}
 
 __all__ = [
     "FINETUNE_TASKS",
@@ -66,7 +66,7 @@ def check_cache_dir(root: Path) -> None:
 
 
 def ensure_base_model(cache_dir: str | Path | None = None) -> Path:
-    """Path of the embedded base model (``<cache>/tiny-llama-v2``), building it on first use."""
+    """Path of the embedded base model (``<cache>/tiny-llama-v3``), installed from the shipped weights on first use."""
     from .base_model import complete
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -76,7 +76,7 @@ def ensure_base_model(cache_dir: str | Path | None = None) -> Path:
 
 
 def ensure_dataset(cache_dir: str | Path | None = None) -> Path:
-    """Directory (``<cache>/embedded-instructions-v2``) holding train/validation/test JSONL files.
+    """Directory (``<cache>/embedded-instructions-v3``) holding train/validation/test JSONL files.
 
     Generated on first use into a temporary sibling, then renamed into place, so readers
     never see a partial data set.

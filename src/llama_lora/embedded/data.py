@@ -5,8 +5,9 @@ Two disjoint sets of task families:
 * FINETUNE_TASKS: what the offline quickstart fine-tunes on. Answers are checkable by
   exact string match, and inputs are short so that a tiny model learns them in minutes.
 * PRETRAIN_TASKS: used only to pre-train the embedded base model. They teach the chat
-  format and character handling (copying, case, positions, digits) but none of the
-  fine-tune families, so a fine-tune visibly teaches something new.
+  format, character handling (copying, case, positions, digits) and the families' skills
+  under other instructions or notations, never a fine-tune family itself, so a fine-tune
+  visibly teaches something new: to follow new instructions with skills the base has.
 
 Everything is driven by ``random.Random(seed)``: same seed -> same records.
 """
@@ -79,8 +80,18 @@ def _digits(rng: random.Random) -> str:
 
 
 def _add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randrange(50), rng.randrange(50)
+    a, b = _addends(rng)
     return f"{a} + {b}", str(a + b)
+
+
+def _addends(rng: random.Random) -> tuple[int, int]:
+    """A number below 100 and a digit: 1,000 sums, carries in 45% of them."""
+    return rng.randrange(100), rng.randrange(10)
+
+
+def _plus_in_words(rng: random.Random) -> tuple[str, str]:
+    a, b = _addends(rng)
+    return f"{a} and {b}", str(a + b)
 
 
 def _sort(rng: random.Random) -> tuple[str, str]:
@@ -128,6 +139,10 @@ def _pre(fn: Callable[[str], str], make: Callable[[random.Random], str] = _word)
     return gen
 
 
+def _word_or_digits(rng: random.Random) -> str:
+    return _word(rng) if rng.random() < 0.75 else _digits(rng)
+
+
 def _upper_word(rng: random.Random) -> str:
     return _word(rng).upper()
 
@@ -136,10 +151,14 @@ def _number(rng: random.Random) -> str:
     return str(rng.randrange(1, 100))
 
 
-# Building blocks of the fine-tune families, never the families themselves: copying and
-# character positions (for reverse), case mapping of one letter (for uppercase), smallest/
-# largest digit (for sort), next/previous number (for add). Short phrasings: sequence
-# length is what the CPU pays for.
+# Building blocks of the fine-tune families and each family's skill on other inputs or in other
+# words, never a family itself: copying, character positions and reversing digit strings (for
+# reversing words), case mapping (for uppercase), smallest/largest digit and sorting letters (for
+# sorting digits), next/previous number and sums written "12 and 7" (for "12 + 7"). So the base
+# has the skills a real pre-trained model has, and a fine-tune teaches it new instructions and
+# notations, as instruction tuning does; none of its phrasings is a fine-tune phrasing (the base
+# scores 1.5% on the fine-tune families: README, quickstart). Short phrasings: sequence length is
+# what the CPU pays for.
 PRETRAIN_TASKS: dict[str, Task] = {
     "copy": (["Copy the word.", "Copy:"], _pre(lambda w: w)),
     "lowercase": (["Lowercase the word.", "Lowercase:"], _pre(str.lower, _upper_word)),
@@ -154,7 +173,12 @@ PRETRAIN_TASKS: dict[str, Task] = {
     "previous_number": (["What comes before?", "Previous:"], _pre(lambda n: str(int(n) - 1), _number)),
     "min_digit": (["Smallest digit?", "Smallest:"], _pre(min, _digits)),
     "max_digit": (["Largest digit?", "Largest:"], _pre(max, _digits)),
+    "from_the_end": (["Read it from the end.", "From the end:"], _pre(lambda s: s[::-1], _word_or_digits)),
+    "smallest_first": (["Arrange from smallest to largest.", "Smallest first:"], _pre(lambda s: "".join(sorted(s)), _digits)),
+    "total": (["What do they make together?", "Total:"], _plus_in_words),
 }
+# The skills closest to a fine-tune family take longest to learn: they get this many shares of the mix.
+PRETRAIN_WEIGHTS = {"from_the_end": 2, "smallest_first": 2, "total": 4}
 
 assert not set(FINETUNE_TASKS) & set(PRETRAIN_TASKS), "fine-tune and pre-train families must be disjoint"
 
@@ -165,10 +189,12 @@ def make_record(rng: random.Random, task: str, tasks: dict[str, Task]) -> Record
     return {"instruction": rng.choice(phrasings), "input": x, "output": y, "task": task}
 
 
-def generate_records(n: int, seed: int = 0, tasks: dict[str, Task] = PRETRAIN_TASKS) -> list[Record]:
-    """n records cycling over the task families (duplicates allowed: used for pre-training)."""
+def generate_records(n: int, seed: int = 0, tasks: dict[str, Task] = PRETRAIN_TASKS,
+                     weights: dict[str, int] | None = None) -> list[Record]:
+    """n records cycling over the task families, `weights[name]` times each per cycle (default once);
+    duplicates allowed: used for pre-training."""
     rng = random.Random(seed)
-    names = sorted(tasks)
+    names = [name for name in sorted(tasks) for _ in range((weights or {}).get(name, 1))]
     return [make_record(rng, names[i % len(names)], tasks) for i in range(n)]
 
 
