@@ -70,7 +70,8 @@ def test_run_overrides_land_on_the_preset_groups_included():
 @pytest.mark.parametrize("preset", ["compare_lora_dora", "search_quickstart"])
 def test_shipped_presets_compose_every_run(preset):
     base = load_config([f"experiment={preset}"])
-    assert base.training.max_steps < load_config(["experiment=quickstart"]).training.max_steps  # short runs
+    # short runs: at most the quickstart's own length (a comparison must still show what each run learnt)
+    assert base.training.max_steps <= load_config(["experiment=quickstart"]).training.max_steps
     for name, overrides in base.runs.items():
         cfg = experiment.compose_run(base, overrides)
         assert f"peft.r={cfg.peft.r}" in overrides and name.startswith(cfg.peft.method)
