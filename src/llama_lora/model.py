@@ -73,7 +73,9 @@ class Runtime:
     pin_memory: bool
     fused_adamw: bool
     tf32: bool
-    keep_freed_memory: bool = False  # CPU + glibc: see apply_process_settings
+    # CPU + glibc: "keep" (the heap keeps freed memory for reuse) or "return" (large freed blocks go back
+    # to the OS at once); "system": glibc's own policy (see apply_process_settings).
+    malloc: str = "system"
     reason: str = field(default="", compare=False)
     quantization: str = "none"  # model.quantization: none | nf4 | fp4 | int8 (bitsandbytes)
     # The lean LoRA/DoRA step, decided once for the run (llama_lora.lean.decide; needs the adapter config
@@ -137,10 +139,14 @@ def choose_runtime(training: TrainingConfig, model: ModelConfig, caps: Capabilit
     fused_adamw, pin_memory = on_cuda, on_cuda
     tf32 = on_cuda and caps.cuda_capability >= (8, 0)
     grad_scaler = precision == "fp16"
-    # Not for a quantized base: bitsandbytes frees a dequantized weight per layer per pass, and a heap that
-    # keeps freed memory held 1-2 GiB more at peak than the tensors need on Llama-3.2-1B's shape
-    # (benchmarks/README.md, "Memory (issue 15)"); a quantized base is chosen to save memory.
-    keep_freed_memory = device == "cpu" and caps.glibc and model.quantization == "none"
+    # Not for a quantized base: bitsandbytes allocates and frees a dequantized fp32 weight per layer per pass,
+    # and a heap that keeps freed memory held 1-2 GiB more at peak than the tensors need on Llama-3.2-1B's
+    # shape; glibc's own policy is no better (its mmap threshold rises to 32 MiB after the first large free,
+    # and then the freed weights fragment the heap: +1.5 GiB at 4 layers, +3.9 GiB at 16). A quantized base is
+    # chosen to save memory, so it returns every large block (benchmarks/README.md, "Memory (issue 15)").
+    malloc = "system"
+    if device == "cpu" and caps.glibc:
+        malloc = "keep" if model.quantization == "none" else "return"
 
     if on_cuda:
         where = f"CUDA x{caps.cuda_device_count}, cc {'%d.%d' % caps.cuda_capability}"
@@ -159,7 +165,8 @@ def choose_runtime(training: TrainingConfig, model: ModelConfig, caps: Capabilit
             where += f", {caps.world_size} processes"
     extras = [name for name, on in (("fp16 loss scaling", grad_scaler), ("fused AdamW", fused_adamw),
                                     ("TF32", tf32), ("pinned memory", pin_memory),
-                                    ("malloc keeps freed memory", keep_freed_memory)) if on]
+                                    ("malloc keeps freed memory", malloc == "keep"),
+                                    ("malloc returns freed memory", malloc == "return")) if on]
     quant = "" if model.quantization == "none" else f" ({describe_quantization(model.quantization, precision)})"
     reason = (
         f"device={device} ({where}), precision={precision} (requested {training.precision}), "
@@ -176,7 +183,7 @@ def choose_runtime(training: TrainingConfig, model: ModelConfig, caps: Capabilit
         pin_memory=pin_memory,
         fused_adamw=fused_adamw,
         tf32=tf32,
-        keep_freed_memory=keep_freed_memory,
+        malloc=malloc,
         quantization=model.quantization,
         reason=reason,
     )
@@ -334,30 +341,39 @@ def dequantize_model(model: PreTrainedModel, dtype: torch.dtype) -> int:
 
 
 # glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+# "return": blocks from this size up are mmapped and unmapped when freed (glibc's initial threshold, made fixed).
+_RETURN_FROM = 128 << 10
 
 
 def apply_process_settings(runtime: Runtime) -> None:
-    """Process-wide settings that go with a runtime: TF32 tensor cores on CUDA; on CPU, glibc malloc that
-    keeps freed memory for reuse.
+    """Process-wide settings that go with a runtime: TF32 tensor cores on CUDA; on CPU, how glibc malloc
+    treats freed memory.
 
-    PyTorch's CPU allocator has no cache of its own: every large tensor (logits, activations, their
-    gradients) is a fresh mmap whose pages the kernel zero-fills on first touch, and the freed block goes
-    straight back to the OS. Telling glibc never to mmap and never to trim keeps those pages in the heap
-    for the next micro-batch: faster steps for a little more peak RSS (benchmarks/README.md, range S18).
-    LLAMA_LORA_MALLOC=system turns it off.
+    PyTorch's CPU allocator has no cache of its own: a large tensor (logits, activations, their gradients)
+    is malloc'ed and freed as it is. "keep" tells glibc never to mmap and never to trim, so those pages stay
+    in the heap for the next micro-batch: faster steps for a little more peak RSS (benchmarks/README.md,
+    range S18). "return" fixes glibc's mmap threshold at 128 KiB: left to itself glibc raises it to the size
+    of the largest block freed (up to 32 MiB), after which a quantized base's per-layer dequantized weights
+    come from the heap and leave it fragmented. LLAMA_LORA_MALLOC=system|keep|return overrides the choice.
     """
     if runtime.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if runtime.keep_freed_memory and os.environ.get("LLAMA_LORA_MALLOC", "") != "system":
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
-        except (OSError, AttributeError):
-            ok = False
-        if not ok:
-            log.debug("mallopt unavailable: CPU memory is returned to the OS after each step")
+    mode = os.environ.get("LLAMA_LORA_MALLOC", "") or runtime.malloc
+    if mode not in ("keep", "return"):
+        return
+    if mode == "keep":
+        settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30))
+    else:
+        settings = ((_M_MMAP_THRESHOLD, _RETURN_FROM), (_M_TRIM_THRESHOLD, _RETURN_FROM))
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = all(libc.mallopt(option, value) == 1 for option, value in settings)
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        log.debug("mallopt unavailable: glibc's own policy for freed CPU memory")
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -33,6 +33,10 @@ GiB = 2**30
 _RUNTIME_OVERHEAD = {"cuda": int(0.75 * GiB), "mps": int(0.5 * GiB), "cpu": int(0.55 * GiB)}
 # Caching allocators and fragmentation keep some freed blocks: a share of the tensor total.
 _FRAGMENTATION = {"cuda": 0.08, "mps": 0.10, "cpu": 0.03}
+# A quantized base on CPU returns every large freed block to the OS (model.apply_process_settings, malloc
+# "return"): no fragmentation share, and what RSS holds beyond the planned tensors was 0.15-0.33 GiB on
+# the issue-15 benchmark rows at 4 and 16 layers (benchmarks/README.md, "Memory (issue 15)").
+_CPU_QUANTIZED_OVERHEAD = int(0.25 * GiB)
 
 
 @dataclass
@@ -323,7 +327,11 @@ def plan_memory(
 
     tensors = (weights + quant_stats + dequant_buffer + merged_weights + adapter_b + grads + optimizer + activations
                + logits_loss)
-    overhead = _RUNTIME_OVERHEAD.get(device, _RUNTIME_OVERHEAD["cpu"]) + int(_FRAGMENTATION.get(device, 0.05) * tensors)
+    if device == "cpu" and cfg.model.quantization != "none":
+        overhead = _CPU_QUANTIZED_OVERHEAD
+    else:
+        overhead = (_RUNTIME_OVERHEAD.get(device, _RUNTIME_OVERHEAD["cpu"])
+                    + int(_FRAGMENTATION.get(device, 0.05) * tensors))
     breakdown = {
         "weights": weights,
         **({"quant stats": quant_stats, "dequant buffer": dequant_buffer}

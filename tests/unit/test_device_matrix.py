@@ -126,6 +126,9 @@ def test_probe_reads_this_machine_and_the_launcher(monkeypatch):
 
 def test_cpu_on_glibc_keeps_freed_memory_and_gpus_do_not():
     cpu = choose_runtime(TrainingConfig(), ModelConfig(), Capabilities(glibc=True))
-    assert cpu.keep_freed_memory and "malloc keeps freed memory" in cpu.reason
-    assert not choose_runtime(TrainingConfig(), ModelConfig(), Capabilities()).keep_freed_memory  # no glibc
-    assert not choose_runtime(TrainingConfig(), ModelConfig(), dataclasses.replace(H100_FA, glibc=True)).keep_freed_memory
+    assert cpu.malloc == "keep" and "malloc keeps freed memory" in cpu.reason
+    assert choose_runtime(TrainingConfig(), ModelConfig(), Capabilities()).malloc == "system"  # no glibc
+    assert choose_runtime(TrainingConfig(), ModelConfig(), dataclasses.replace(H100_FA, glibc=True)).malloc == "system"
+    # A quantized base frees a dequantized weight per layer per pass: large blocks go back to the OS.
+    quantized = choose_runtime(TrainingConfig(device="cpu"), ModelConfig(quantization="nf4"), Capabilities(glibc=True))
+    assert quantized.malloc == "return" and "malloc returns freed memory" in quantized.reason
