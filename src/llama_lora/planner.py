@@ -284,7 +284,7 @@ def plan_memory(
         2 * h * s  # residual inputs of the two RMSNorms (x, x + attn)
         + (q + kv_saved) * s  # rotated q, k and v as SDPA keeps them
         + q * s  # SDPA output
-        + 3 * inter * s  # gate, silu(gate), up (the SwiGLU product keeps its factors)
+        + 2 * inter * s  # gate and up (lean.swiglu recomputes silu(gate) in the backward)
         + nh * 4 + 2 * 4  # SDPA log-sum-exp, RMSNorm rsqrt (fp32)
         + adapter_inputs + lora_mid
     )
