@@ -104,20 +104,18 @@ class _PeakRss:
         self.peak = max(self.peak, self._rss())
 
 
-def run_row(name: str, model_dir: Path, steps: int) -> dict:
-    """One row, in this process: load, adapt, train `steps` steps, measure."""
+def _setup(name: str, model_dir: Path):
+    """The row's config and runtime (lean policy decided as train.py does), the batch and the plan."""
     import dataclasses
 
-    import torch
     from transformers import AutoConfig
 
     from llama_lora import lean, model as model_lib
-    from llama_lora.adapter import apply_adapter
-    from llama_lora.attention import use_varlen_attention
     from llama_lora.config.load import load_config
     from llama_lora.data import IGNORE_INDEX, collate_packed
-    from llama_lora.loss import response_loss_sum
     from llama_lora.planner import plan_memory
+
+    import torch
 
     row = ROWS[name]
     cfg = load_config([f"model.name_or_path={model_dir}", f"model.quantization={row['quantization']}",
@@ -128,14 +126,6 @@ def run_row(name: str, model_dir: Path, steps: int) -> dict:
     runtime = model_lib.choose_runtime(cfg.training, cfg.model, model_lib.probe_capabilities())
     runtime = dataclasses.replace(runtime, lean=lean.decide(cfg.peft, "cpu", runtime.precision,
                                                             quantization=cfg.model.quantization))
-    model_lib.apply_process_settings(runtime)
-    torch.manual_seed(0)
-    model = model_lib.load_model(str(model_dir), cfg.model, runtime, training=True)
-    model = apply_adapter(model, cfg.peft, lean=runtime.lean)
-    use_varlen_attention(model)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
     examples = []
     for _ in range(MICRO):
@@ -145,6 +135,29 @@ def run_row(name: str, model_dir: Path, steps: int) -> dict:
     response = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     plan = plan_memory(cfg, AutoConfig.from_pretrained(model_dir), "cpu", MICRO, tokens_per_micro_batch=MICRO * SEQ,
                        rows_per_micro_batch=1, loss_tokens_per_micro_batch=response, lean=runtime.lean)
+    return cfg, runtime, batch, plan
+
+
+def run_row(name: str, model_dir: Path, steps: int) -> dict:
+    """One row, in this process: load, adapt, train `steps` steps, measure."""
+    import torch
+    from transformers import AutoConfig
+
+    from llama_lora import model as model_lib
+    from llama_lora.adapter import apply_adapter
+    from llama_lora.attention import use_varlen_attention
+    from llama_lora.loss import response_loss_sum
+
+    row = ROWS[name]
+    cfg, runtime, batch, plan = _setup(name, model_dir)
+    model_lib.apply_process_settings(runtime)
+    torch.manual_seed(0)
+    model = model_lib.load_model(str(model_dir), cfg.model, runtime, training=True)
+    model = apply_adapter(model, cfg.peft, lean=runtime.lean)
+    use_varlen_attention(model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
     times, losses = [], []
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=runtime.precision == "bf16")
     with _PeakRss() as rss:
@@ -165,7 +178,7 @@ def run_row(name: str, model_dir: Path, steps: int) -> dict:
         "peak_rss_train_gib": rss.peak / GiB, "peak_anon_train_gib": rss.peak_anon / GiB,
         "peak_rss_process_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB,
         "planned_gib": plan.total_bytes / GiB, "plan": {k: v / GiB for k, v in plan.breakdown.items()},
-        "training_step": runtime.lean.describe(),
+        "training_step": runtime.lean.describe(), "malloc": os.environ.get("LLAMA_LORA_MALLOC") or runtime.malloc,
     }
 
 
@@ -187,6 +200,18 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plan_table(model_dir: Path, names: list[str]) -> str:
+    """The planner's figure and its parts for every row, without training (seconds, any machine)."""
+    parts = ["weights", "quant stats", "merged weights", "activations", "logits/loss", "overhead"]
+    lines = ["| row | planned GiB | " + " | ".join(parts) + " |", "|---|---:|" + "---:|" * len(parts)]
+    for name in names:
+        plan = _setup(name, model_dir)[3]
+        b = plan.breakdown
+        lines.append(f"| {name} | {plan.total_bytes / GiB:.2f} | "
+                     + " | ".join(f"{b.get(k, 0) / GiB:.2f}" for k in parts) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=16, help="decoder layers (16 = the real depth)")
@@ -197,6 +222,7 @@ def main() -> None:
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per row")
+    ap.add_argument("--plan-only", action="store_true", help="print the planner's table for --rows; train nothing")
     args = ap.parse_args()
     if args.row:
         import warnings
@@ -205,6 +231,9 @@ def main() -> None:
         print("RESULT " + json.dumps(run_row(args.row, Path(args.model), args.steps)), flush=True)
         return
     model_dir = build_model(args.layers, Path(args.cache))
+    if args.plan_only:
+        print(plan_table(model_dir, args.rows.split(",")))
+        return
     results = []
     for name in args.rows.split(","):
         cmd = [sys.executable, __file__, "--row", name, "--model", str(model_dir), "--steps", str(args.steps)]

@@ -31,12 +31,14 @@ GiB = 2**30
 # Framework baseline that is not tensors: the CUDA context + allocator reserve, or on CPU the Python
 # interpreter with torch/transformers/peft loaded (measured RSS after import on Linux x86-64).
 _RUNTIME_OVERHEAD = {"cuda": int(0.75 * GiB), "mps": int(0.5 * GiB), "cpu": int(0.55 * GiB)}
-# Caching allocators and fragmentation keep some freed blocks: a share of the tensor total.
-_FRAGMENTATION = {"cuda": 0.08, "mps": 0.10, "cpu": 0.03}
-# A quantized base on CPU returns every large freed block to the OS (model.apply_process_settings, malloc
-# "return"): no fragmentation share, and what RSS holds beyond the planned tensors was 0.15-0.33 GiB on
-# the issue-15 benchmark rows at 4 and 16 layers (benchmarks/README.md, "Memory (issue 15)").
-_CPU_QUANTIZED_OVERHEAD = int(0.25 * GiB)
+# Caching allocators and fragmentation keep some freed blocks: a share of the tensor total. On CPU that
+# is glibc's heap when it keeps freed memory (model.cpu_malloc_mode "keep"): 10% put LoRA fp32 on
+# Llama-3.2-1B's shape within 6% of RSS at 2 and at 16 layers (benchmarks/README.md, "Memory (issue 15)").
+_FRAGMENTATION = {"cuda": 0.08, "mps": 0.10, "cpu": 0.10}
+# A CPU run whose heap returns every large freed block (malloc "return": a quantized base or gradient
+# checkpointing) has no fragmentation share, and what RSS held beyond the planned tensors was 0.15-0.33
+# GiB on the issue-15 benchmark rows at 4 and 16 layers.
+_CPU_RETURNING_OVERHEAD = int(0.25 * GiB)
 
 
 @dataclass
@@ -327,8 +329,10 @@ def plan_memory(
 
     tensors = (weights + quant_stats + dequant_buffer + merged_weights + adapter_b + grads + optimizer + activations
                + logits_loss)
-    if device == "cpu" and cfg.model.quantization != "none":
-        overhead = _CPU_QUANTIZED_OVERHEAD
+    from llama_lora.model import cpu_malloc_mode
+
+    if device == "cpu" and cpu_malloc_mode(cfg.model) == "return":
+        overhead = _CPU_RETURNING_OVERHEAD
     else:
         overhead = (_RUNTIME_OVERHEAD.get(device, _RUNTIME_OVERHEAD["cpu"])
                     + int(_FRAGMENTATION.get(device, 0.05) * tensors))

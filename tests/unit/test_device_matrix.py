@@ -132,3 +132,6 @@ def test_cpu_on_glibc_keeps_freed_memory_and_gpus_do_not():
     # A quantized base frees a dequantized weight per layer per pass: large blocks go back to the OS.
     quantized = choose_runtime(TrainingConfig(device="cpu"), ModelConfig(quantization="nf4"), Capabilities(glibc=True))
     assert quantized.malloc == "return" and "malloc returns freed memory" in quantized.reason
+    # So does gradient checkpointing: both are chosen to save memory.
+    assert choose_runtime(TrainingConfig(device="cpu"), ModelConfig(gradient_checkpointing=True),
+                          Capabilities(glibc=True)).malloc == "return"
