@@ -178,7 +178,7 @@ def run_row(name: str, model_dir: Path, steps: int) -> dict:
         "peak_rss_train_gib": rss.peak / GiB, "peak_anon_train_gib": rss.peak_anon / GiB,
         "peak_rss_process_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB,
         "planned_gib": plan.total_bytes / GiB, "plan": {k: v / GiB for k, v in plan.breakdown.items()},
-        "training_step": runtime.lean.describe(), "malloc": os.environ.get("LLAMA_LORA_MALLOC") or runtime.malloc,
+        "training_step": runtime.lean.describe(), "malloc": runtime.malloc,
     }
 
 

@@ -39,6 +39,7 @@ class Capabilities:
     flash_attn: bool = False
     world_size: int = 1  # processes started by torchrun / accelerate launch
     glibc: bool = False  # Linux with glibc's malloc (mallopt available)
+    malloc_override: str = ""  # LLAMA_LORA_MALLOC=system|keep|return: how CPU malloc treats freed memory
     # bitsandbytes importable (model.quantization); None: not probed (choose_runtime probes it on demand)
     bitsandbytes: bool | None = None
 
@@ -57,8 +58,23 @@ def probe_capabilities() -> Capabilities:
         mps=bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available(),
         flash_attn=importlib.util.find_spec("flash_attn") is not None,
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
-        glibc=sys.platform == "linux" and platform.libc_ver()[0] == "glibc",
+        glibc=has_glibc(),
+        malloc_override=malloc_override(),
     )
+
+
+def has_glibc() -> bool:
+    return sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+
+
+def malloc_override() -> str:
+    """LLAMA_LORA_MALLOC, checked: "" when unset."""
+    value = os.environ.get("LLAMA_LORA_MALLOC", "").strip()
+    if value not in ("", "system", "keep", "return"):
+        raise LlamaLoraError(f"LLAMA_LORA_MALLOC={value!r} is not a malloc mode. Use system (glibc's own policy), "
+                             "keep (freed memory stays in the heap: faster, more memory), return (large freed "
+                             "blocks go back to the OS), or unset it for the run's default.")
+    return value
 
 
 @dataclass(frozen=True)
@@ -139,7 +155,7 @@ def choose_runtime(training: TrainingConfig, model: ModelConfig, caps: Capabilit
     fused_adamw, pin_memory = on_cuda, on_cuda
     tf32 = on_cuda and caps.cuda_capability >= (8, 0)
     grad_scaler = precision == "fp16"
-    malloc = cpu_malloc_mode(model) if device == "cpu" and caps.glibc else "system"
+    malloc = (caps.malloc_override or cpu_malloc_mode(model, precision)) if device == "cpu" and caps.glibc else "system"
 
     if on_cuda:
         where = f"CUDA x{caps.cuda_device_count}, cc {'%d.%d' % caps.cuda_capability}"
@@ -339,18 +355,21 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _RETURN_FROM = 128 << 10
 
 
-def cpu_malloc_mode(model: ModelConfig) -> str:
-    """How glibc malloc treats freed CPU memory for a run: "keep" (fast) unless the run asked to save memory.
+def cpu_malloc_mode(model: ModelConfig, precision: str) -> str:
+    """How glibc malloc treats freed CPU memory for a run: "keep" for a plain fp32 run, else "return".
 
-    A heap that keeps freed memory (no mmap, no trim) makes the LoRA step faster but fragments as layers
-    free their activations in the backward: on Llama-3.2-1B's shape (16 layers, 4 x 512 tokens) LoRA fp32
-    peaked at 18.6 GiB kept vs 15.8 returned, for a 22% faster step; with gradient checkpointing 12.5 vs
-    9.5 GiB for 5%. A quantized base is worse under both "keep" and glibc's own policy: bitsandbytes frees
-    a dequantized fp32 weight per layer per pass, and glibc's mmap threshold rises to 32 MiB after the
-    first large free, after which those weights fragment the heap (+3.9 GiB at 16 layers). So a run with a
-    quantized base or gradient checkpointing, both chosen to save memory, returns every large block
+    A heap that keeps freed memory (no mmap, no trim) makes an fp32 LoRA step faster but fragments as layers
+    free their activations in the backward. On Llama-3.2-1B's shape (16 layers, 4 x 512 tokens), LoRA fp32:
+    18.6 GiB kept vs 15.8 returned for a 22% faster step; with the chunked loss (the default at that
+    vocabulary) 16.1 vs 13.9 GiB for 6%. In bf16 the kept heap was not measurably faster (35-57 s steps in
+    either mode) and its fragmentation varied from 3% to 26% of the tensors, more than a plan can absorb.
+    With gradient checkpointing: 12.5 vs 9.5 GiB for 5%. A quantized base is worse under both "keep" and
+    glibc's own policy: bitsandbytes frees a dequantized fp32 weight per layer per pass, and glibc's mmap
+    threshold rises to 32 MiB after the first large free, after which those weights fragment the heap
+    (+3.9 GiB at 16 layers). So only a plain fp32 run (no quantized base, no checkpointing) keeps
     (benchmarks/README.md, "Memory (issue 15)"); the planner counts each mode's heap."""
-    return "return" if model.quantization != "none" or model.gradient_checkpointing else "keep"
+    plain = precision == "fp32" and model.quantization == "none" and not model.gradient_checkpointing
+    return "keep" if plain else "return"
 
 
 def apply_process_settings(runtime: Runtime) -> None:
@@ -362,12 +381,13 @@ def apply_process_settings(runtime: Runtime) -> None:
     in the heap for the next micro-batch: faster steps for a little more peak RSS (benchmarks/README.md,
     range S18). "return" fixes glibc's mmap threshold at 128 KiB: left to itself glibc raises it to the size
     of the largest block freed (up to 32 MiB), after which a quantized base's per-layer dequantized weights
-    come from the heap and leave it fragmented. LLAMA_LORA_MALLOC=system|keep|return overrides the choice.
+    come from the heap and leave it fragmented. LLAMA_LORA_MALLOC=system|keep|return overrides the choice
+    (choose_runtime reads it through Capabilities, so the planner sees the same mode).
     """
     if runtime.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    mode = os.environ.get("LLAMA_LORA_MALLOC", "") or runtime.malloc
+    mode = runtime.malloc
     if mode not in ("keep", "return"):
         return
     if mode == "keep":

@@ -26,18 +26,20 @@ from llama_lora.config.schema import Config
 
 if TYPE_CHECKING:
     from llama_lora.lean import LeanPolicy
+    from llama_lora.model import Runtime
 
 GiB = 2**30
 # Framework baseline that is not tensors: the CUDA context + allocator reserve, or on CPU the Python
 # interpreter with torch/transformers/peft loaded (measured RSS after import on Linux x86-64).
 _RUNTIME_OVERHEAD = {"cuda": int(0.75 * GiB), "mps": int(0.5 * GiB), "cpu": int(0.55 * GiB)}
 # Caching allocators and fragmentation keep some freed blocks: a share of the tensor total. On CPU that
-# is glibc's heap when it keeps freed memory (model.cpu_malloc_mode "keep"): 10% put LoRA fp32 on
-# Llama-3.2-1B's shape within 6% of RSS at 2 and at 16 layers (benchmarks/README.md, "Memory (issue 15)").
-_FRAGMENTATION = {"cuda": 0.08, "mps": 0.10, "cpu": 0.10}
-# A CPU run whose heap returns every large freed block (malloc "return": a quantized base or gradient
-# checkpointing) has no fragmentation share, and what RSS held beyond the planned tensors was 0.15-0.33
-# GiB on the issue-15 benchmark rows at 4 and 16 layers.
+# is glibc's heap when it keeps freed memory (malloc "keep", a plain fp32 run) or follows its own policy
+# ("system"): LoRA fp32 on Llama-3.2-1B's shape held 14-22% more than its tensors at 2 and 16 layers, with
+# and without the chunked loss (benchmarks/README.md, "Memory (issue 15)").
+_FRAGMENTATION = {"cuda": 0.08, "mps": 0.10, "cpu": 0.17}
+# A CPU run whose heap returns every large freed block (malloc "return": every run but a plain fp32 one)
+# has no fragmentation share; what RSS held beyond the planned tensors was 0.15-0.33 GiB on the issue-15
+# benchmark rows at 4 and 16 layers.
 _CPU_RETURNING_OVERHEAD = int(0.25 * GiB)
 
 
@@ -151,14 +153,20 @@ def _targets(cfg: Config, linears: tuple[_Linear, ...]) -> list[_Linear]:
     return [m for m in linears if m.name.rsplit(".", 1)[-1] in names]
 
 
-def _dtype_bytes(cfg: Config, device: str) -> tuple[int, int, str]:
-    """(weight bytes/element, activation bytes/element, precision) as choose_runtime would pick them."""
-    from llama_lora.model import Capabilities, choose_runtime
+def _runtime(cfg: Config, device: str) -> Runtime:
+    """The runtime choose_runtime would pick on `device` (this host's malloc, LLAMA_LORA_MALLOC included)."""
+    from llama_lora.model import Capabilities, choose_runtime, has_glibc, malloc_override
 
     caps = Capabilities(cuda=device == "cuda", cuda_device_count=int(device == "cuda"), cuda_bf16=device == "cuda",
                         cuda_capability=(8, 0) if device == "cuda" else (0, 0), mps=device == "mps",
+                        glibc=has_glibc(), malloc_override=malloc_override(),
                         bitsandbytes=True)  # a plan needs no install; train and validate check it
-    rt = choose_runtime(cfg.training.model_copy(update={"device": device}), cfg.model, caps)
+    return choose_runtime(cfg.training.model_copy(update={"device": device}), cfg.model, caps)
+
+
+def _dtype_bytes(cfg: Config, device: str) -> tuple[int, int, str]:
+    """(weight bytes/element, activation bytes/element, precision) as choose_runtime would pick them."""
+    rt = _runtime(cfg, device)
     act = 4 if rt.precision == "fp32" else 2
     return rt.model_dtype.itemsize, act, rt.precision
 
@@ -329,9 +337,7 @@ def plan_memory(
 
     tensors = (weights + quant_stats + dequant_buffer + merged_weights + adapter_b + grads + optimizer + activations
                + logits_loss)
-    from llama_lora.model import cpu_malloc_mode
-
-    if device == "cpu" and cpu_malloc_mode(cfg.model) == "return":
+    if device == "cpu" and _runtime(cfg, device).malloc == "return":
         overhead = _CPU_RETURNING_OVERHEAD
     else:
         overhead = (_RUNTIME_OVERHEAD.get(device, _RUNTIME_OVERHEAD["cpu"])

@@ -37,10 +37,10 @@ def test_apply_process_settings_keeps_freed_pages_in_the_process(malloc):
 @pytest.mark.skipif(not probe_capabilities().glibc, reason="glibc only")
 @pytest.mark.parametrize("malloc", ["", "system"], ids=["quantized", "system"])
 def test_a_quantized_base_returns_freed_weight_sized_blocks(malloc):
-    """What a quantized base does each pass: a large dequantized weight is freed, then weight-sized
-    blocks are allocated and freed between tensors that stay (activations). Left to glibc, its mmap
-    threshold rises after the first large free and the freed blocks stay resident in a fragmented heap;
-    the quantized runtime fixes the threshold, so they go back to the OS."""
+    """What a quantized base does each pass: a large dequantized weight is freed, then weight-sized blocks
+    are allocated and freed. Left to glibc, its mmap threshold rises after the first large free, so the
+    later blocks come from the heap and stay resident when freed (16-64 MiB here, varying from run to run
+    with the heap's layout); the quantized runtime fixes the threshold, so every one goes back to the OS."""
     code = textwrap.dedent("""
         import os, torch
         from llama_lora import model as m
@@ -48,16 +48,14 @@ def test_a_quantized_base_returns_freed_weight_sized_blocks(malloc):
         m.apply_process_settings(m.choose_runtime(m.TrainingConfig(device="cpu"),
                                                   m.ModelConfig(quantization="nf4"), caps))
         rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        w = torch.ones(8 * 2**20)  # 32 MiB
+        w = torch.ones(6 * 2**20)  # 24 MiB
         del w
         before = rss()
-        kept = []
-        for _ in range(16):
-            w = torch.ones(4 * 2**20)  # 16 MiB, touched, freed below
-            kept.append(torch.ones(2**18))  # 1 MiB that stays, after it on the heap
+        for _ in range(4):
+            w = torch.ones(4 * 2**20)  # 16 MiB, touched, then freed
             del w
         print(rss() - before)
     """)
     env = {**os.environ, "LLAMA_LORA_MALLOC": malloc, "CUDA_VISIBLE_DEVICES": ""}
     held = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout)
-    assert (held < 40) if malloc == "" else (held > 100), held
+    assert (held < 4) if malloc == "" else (held >= 15), held

@@ -132,6 +132,21 @@ def test_cpu_on_glibc_keeps_freed_memory_and_gpus_do_not():
     # A quantized base frees a dequantized weight per layer per pass: large blocks go back to the OS.
     quantized = choose_runtime(TrainingConfig(device="cpu"), ModelConfig(quantization="nf4"), Capabilities(glibc=True))
     assert quantized.malloc == "return" and "malloc returns freed memory" in quantized.reason
-    # So does gradient checkpointing: both are chosen to save memory.
+    # So does gradient checkpointing, and bf16 (the kept heap was not faster there, and fragmented unpredictably).
     assert choose_runtime(TrainingConfig(device="cpu"), ModelConfig(gradient_checkpointing=True),
                           Capabilities(glibc=True)).malloc == "return"
+    assert choose_runtime(TrainingConfig(device="cpu", precision="bf16"), ModelConfig(),
+                          Capabilities(glibc=True)).malloc == "return"
+    # LLAMA_LORA_MALLOC (read into Capabilities) overrides the choice on CPU, and only there.
+    assert choose_runtime(TrainingConfig(), ModelConfig(quantization="nf4"),
+                          Capabilities(glibc=True, malloc_override="keep")).malloc == "keep"
+    assert choose_runtime(TrainingConfig(), ModelConfig(), dataclasses.replace(
+        H100_FA, glibc=True, malloc_override="keep")).malloc == "system"
+
+
+def test_a_bad_llama_lora_malloc_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("LLAMA_LORA_MALLOC", "fast")
+    with pytest.raises(LlamaLoraError, match=r"LLAMA_LORA_MALLOC='fast' is not a malloc mode\. Use system"):
+        probe_capabilities()
+    monkeypatch.setenv("LLAMA_LORA_MALLOC", "return")
+    assert probe_capabilities().malloc_override == "return"
