@@ -107,3 +107,27 @@ def test_two_process_ddp_on_a_quantized_base(qroot, tiny_base, tmp_path):
 
     adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert max(float(v.abs().max()) for k, v in adapter.items() if "lora_B" in k) > 1e-3  # it trained
+
+
+def test_loftq_trains_end_to_end_and_starts_nearer_the_unquantized_base(qroot, tiny_base, qref, tmp_path):
+    """peft.init=loftq through the real `train`: the adapter starts at the rank-r fit of the nf4 rounding
+    error, so the eval loss before training (logged by train) lies nearer the unquantized base's than plain
+    QLoRA's does; the run then trains, saves, and eval/infer load it on the base quantized as in training."""
+    data = data_file(qroot)
+    short = ["training.max_steps=2", "training.save_every=0"]
+    out = run_to_end([*_qlora_args(tiny_base, data, tmp_path, "loftq"), "peft.init=loftq", *short],
+                     tmp_path / "loftq.out")
+    assert "LoftQ:" in out and "adapted 4-bit layers start at the rank-4 fit" in out
+    full = [a for a in _qlora_args(tiny_base, data, tmp_path, "full") if a != QUANT]
+    run_to_end([*full, *short], tmp_path / "full.out")
+
+    def before(run):
+        return json.loads((run / "metrics.json").read_text())["eval_loss_before"]
+
+    loftq, plain, unquantized = before(tmp_path / "loftq"), before(qref), before(tmp_path / "full")
+    assert abs(loftq - unquantized) < abs(plain - unquantized), (loftq, plain, unquantized)
+    run = tmp_path / "loftq"
+    assert RunDir(run).is_finished()
+    ev = run_cli("eval", str(run), "data.max_eval_examples=4", "eval.max_new_tokens=4", "eval.num_samples=0")
+    assert "base nf4-quantized by bitsandbytes as in training" in ev.stderr, ev.stderr[-2000:]
+    run_cli("infer", f"run_dir={run}", "Uppercase the word.", "--input", "apple", "infer.max_new_tokens=4")
