@@ -208,6 +208,14 @@ BAD_INPUT_CASES = [
     _train("empty_target_list", ["peft.target_modules=[]"], ["peft.target_modules", "at least one module"]),
     _train("fp16_on_cpu", ["training.precision=fp16"], ["training.precision=fp16 is not supported on CPU"]),
     _train("cuda_without_gpu", ["training.device=cuda"], ["training.device=cuda but no CUDA GPU is visible"]),
+    # ---- quantized bases (issue 15; a missing bitsandbytes, MPS and FSDP are in tests/unit/test_quant.py)
+    _train("lean_true_on_quantized_base", ["model.quantization=int8", "peft.lean=true"],
+           ["peft.lean=true cannot run on a quantized base (model.quantization=int8)"], True),
+    _train("malloc_mode_unknown", [], ["LLAMA_LORA_MALLOC='fast' is not a malloc mode", "keep", "return"], True,
+           env={"LLAMA_LORA_MALLOC": "fast"}),
+    BadInputCase("merge_into_quantized_output", ["merge", "{w}/runs/good", "model.quantization=nf4"],
+                 ["merge cannot write a quantized model (model.quantization=nf4)", "Nothing was written"],
+                 keeps=("{w}/runs/good/adapter/adapter_model.safetensors", "{w}/runs/good/config.yaml")),
     # ---- model: missing, not a model, corrupted, pickle-only, unreachable hub, wrong target modules
     _train("model_missing", ["model.name_or_path=/nonexistent/model"], ["'/nonexistent/model' does not exist"], True),
     _train("model_dir_without_config", ["model.name_or_path={w}/empty_model"], ["has no config.json"], True),
