@@ -14,7 +14,7 @@ import pytest
 
 from llama_lora.artifacts import RunDir
 from tests.helpers import (
-    TrainProc, assert_same_adapter, assert_same_metrics, data_file, run_cli, run_to_end, train_args,
+    TrainProc, assert_same_adapter, assert_same_metrics, data_file, reference_run, run_cli, run_to_end, train_args,
 )
 
 pytest.importorskip("bitsandbytes")
@@ -109,7 +109,7 @@ def test_two_process_ddp_on_a_quantized_base(qroot, tiny_base, tmp_path):
     assert max(float(v.abs().max()) for k, v in adapter.items() if "lora_B" in k) > 1e-3  # it trained
 
 
-def test_loftq_trains_end_to_end_and_starts_nearer_the_unquantized_base(qroot, tiny_base, qref, tmp_path):
+def test_loftq_trains_end_to_end_and_starts_nearer_the_unquantized_base(qroot, root, tiny_base, qref, tmp_path):
     """peft.init=loftq through the real `train`: the adapter starts at the rank-r fit of the nf4 rounding
     error, so the eval loss before training (logged by train) lies nearer the unquantized base's than plain
     QLoRA's does; the run then trains, saves, and eval/infer load it on the base quantized as in training."""
@@ -118,13 +118,12 @@ def test_loftq_trains_end_to_end_and_starts_nearer_the_unquantized_base(qroot, t
     out = run_to_end([*_qlora_args(tiny_base, data, tmp_path, "loftq"), "peft.init=loftq", *short],
                      tmp_path / "loftq.out")
     assert "LoftQ:" in out and "adapted 4-bit layers start at the rank-4 fit" in out
-    full = [a for a in _qlora_args(tiny_base, data, tmp_path, "full") if a != QUANT]
-    run_to_end([*full, *short], tmp_path / "full.out")
 
     def before(run):
         return json.loads((run / "metrics.json").read_text())["eval_loss_before"]
 
-    loftq, plain, unquantized = before(tmp_path / "loftq"), before(qref), before(tmp_path / "full")
+    # the session's unquantized reference run (tests/helpers.reference_run): same base, data and eval set
+    loftq, plain, unquantized = before(tmp_path / "loftq"), before(qref), before(reference_run(root, tiny_base))
     assert abs(loftq - unquantized) < abs(plain - unquantized), (loftq, plain, unquantized)
     run = tmp_path / "loftq"
     assert RunDir(run).is_finished()
