@@ -361,8 +361,8 @@ def cpu_malloc_mode(model: ModelConfig, precision: str) -> str:
     A heap that keeps freed memory (no mmap, no trim) makes an fp32 LoRA step faster but fragments as layers
     free their activations in the backward. On Llama-3.2-1B's shape (16 layers, 4 x 512 tokens), LoRA fp32:
     18.6 GiB kept vs 15.8 returned for a 22% faster step; with the chunked loss (the default at that
-    vocabulary) 16.1 vs 13.9 GiB for 6%. In bf16 the kept heap was not measurably faster (35-57 s steps in
-    either mode) and its fragmentation varied from 3% to 26% of the tensors, more than a plan can absorb.
+    vocabulary) 16.1 vs 13.9 GiB for 6%. In bf16 no speed-up showed (single steps in separate invocations
+    disagreed) and its fragmentation varied from 3% to 26% of the tensors, more than a plan can absorb.
     With gradient checkpointing: 12.5 vs 9.5 GiB for 5%. A quantized base is worse under both "keep" and
     glibc's own policy: bitsandbytes frees a dequantized fp32 weight per layer per pass, and glibc's mmap
     threshold rises to 32 MiB after the first large free, after which those weights fragment the heap

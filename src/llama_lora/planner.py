@@ -164,13 +164,6 @@ def _runtime(cfg: Config, device: str) -> Runtime:
     return choose_runtime(cfg.training.model_copy(update={"device": device}), cfg.model, caps)
 
 
-def _dtype_bytes(cfg: Config, device: str) -> tuple[int, int, str]:
-    """(weight bytes/element, activation bytes/element, precision) as choose_runtime would pick them."""
-    rt = _runtime(cfg, device)
-    act = 4 if rt.precision == "fp32" else 2
-    return rt.model_dtype.itemsize, act, rt.precision
-
-
 def _decide(cfg: Config, device: str, precision: str | None = None) -> LeanPolicy:
     """The lean-step policy for a caller that passed none (validate, the benchmark, tests): decided as
     train.py decides it for one unsharded process. The kernel does not change memory, so it is left
@@ -179,7 +172,7 @@ def _decide(cfg: Config, device: str, precision: str | None = None) -> LeanPolic
 
     device = "cuda" if device.startswith("cuda") else device
     if precision is None:
-        precision = _dtype_bytes(cfg, device)[2]
+        precision = _runtime(cfg, device).precision
     return decide(cfg.peft.model_copy(update={"lean_kernel": False}), device, precision,
                   quantization=cfg.model.quantization)
 
@@ -232,7 +225,9 @@ def plan_memory(
     # Positions that go through lm_head (logits_to_keep): without data, assume all but the prompt's
     # first token; callers with data pass the response-token count.
     K = loss_tokens_per_micro_batch if loss_tokens_per_micro_batch is not None else T
-    w_bytes, s, precision = _dtype_bytes(cfg, device)
+    rt = _runtime(cfg, device)
+    # bytes per element: frozen weights in their dtype, activations in the compute precision
+    w_bytes, s, precision = rt.model_dtype.itemsize, 4 if rt.precision == "fp32" else 2, rt.precision
     if lean is None:
         lean = _decide(cfg, device, precision)
 
@@ -341,7 +336,7 @@ def plan_memory(
 
     tensors = (weights + quant_stats + dequant_buffer + merged_weights + adapter_b + grads + optimizer + activations
                + logits_loss)
-    if device == "cpu" and _runtime(cfg, device).malloc == "return":
+    if device == "cpu" and rt.malloc == "return":
         overhead = _CPU_RETURNING_OVERHEAD
     else:
         overhead = (_RUNTIME_OVERHEAD.get(device, _RUNTIME_OVERHEAD["cpu"])
