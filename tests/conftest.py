@@ -21,6 +21,11 @@ pytest.register_assert_rewrite("tests.helpers")  # before the import: its assert
 
 from tests.helpers import run_cli  # noqa: E402
 
+# Tests that import PEFT or bitsandbytes directly get the same built-in kernels, with no Hub fetch, as the CLI.
+from llama_lora.model import import_bitsandbytes  # noqa: E402
+
+import_bitsandbytes()
+
 
 @pytest.fixture(scope="session")
 def embedded_model() -> Path:

@@ -254,8 +254,6 @@ def setup_logging(debug: bool = False) -> None:
 # Third-party messages a user of llama-lora cannot act on, each matched exactly (logger, message start), so
 # that everything else, our own warnings first, still shows:
 _THIRD_PARTY_NOISE = {
-    # bitsandbytes on import, on any CPU with AVX512-BF16: an optional 4-bit CPU kernel package is absent.
-    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
     # Llama 3's tokenizer_config.json sets clean_up_tokenization_spaces=true; transformers ignores it for BPE.
     "transformers.tokenization_utils_tokenizers": ("Ignoring clean_up_tokenization_spaces=True for BPE tokenizer",),
 }

@@ -204,13 +204,61 @@ def choose_runtime(training: TrainingConfig, model: ModelConfig, caps: Capabilit
 QUANT_EXTRA = "pip install 'llama-lora[quant]'"
 
 
+# Opt-in for kernels that dependencies fetch from the Hugging Face Hub and run (off by default).
+HUB_KERNELS_ENV = "LLAMA_LORA_HUB_KERNELS"
+# What bitsandbytes logs when it is kept to its built-in CPU kernel: nothing a user can act on.
+_BNB_KERNEL_NOTICE = ("Failed to load CPU gemm_4bit_forward from kernels-community",)
+
+
+def hub_kernels_allowed() -> bool:
+    return os.environ.get(HUB_KERNELS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+_MISSING = object()
+
+
+class _DropNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_BNB_KERNEL_NOTICE)
+
+
+def import_bitsandbytes():
+    """Import bitsandbytes with its built-in kernels only, quietly; None where it is not installed.
+
+    On a CPU with AVX512-BF16, bitsandbytes' import calls `kernels.get_kernel(...)`, which downloads
+    compiled code from the Hugging Face Hub and runs it (offline it warns about a skipped trust check).
+    llama-lora runs no code it did not install: during that one import the `kernels` package is made
+    unimportable (Python's documented `sys.modules[name] = None`), so bitsandbytes takes its own C
+    kernel, and its notice about the missing Hub kernel is dropped. LLAMA_LORA_HUB_KERNELS=1 lets it
+    fetch. PEFT imports bitsandbytes for any adapter when it is installed, so every model load calls
+    this first; the choice holds for the whole process (bitsandbytes picks its kernel once).
+    """
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return None
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropNotice) for f in logger.filters):
+        logger.addFilter(_DropNotice())
+    if hub_kernels_allowed():
+        return importlib.import_module("bitsandbytes")
+    saved = sys.modules.get("kernels", _MISSING)
+    sys.modules["kernels"] = None
+    try:
+        return importlib.import_module("bitsandbytes")
+    finally:
+        if saved is _MISSING:
+            sys.modules.pop("kernels", None)
+        else:
+            sys.modules["kernels"] = saved
+
+
 def bitsandbytes_available() -> bool:
     """Whether `import bitsandbytes` works (imported for real: a broken install counts as missing)."""
     try:
-        importlib.import_module("bitsandbytes")
+        return import_bitsandbytes() is not None
     except Exception:
         return False
-    return True
 
 
 def check_quantization(quantization: str, device: str, caps: Capabilities) -> None:
@@ -491,6 +539,7 @@ def load_model(name_or_path: str, model: ModelConfig, runtime: Runtime, training
     """The base at runtime's device and dtype; quantized by bitsandbytes when runtime.quantization says so
     (every command loads a base through here, so train, eval, baseline, infer and merge quantize alike)."""
     quantized = runtime.quantization != "none"
+    bitsandbytes_available()  # before transformers or PEFT import it: its built-in kernels, quietly
     extra = {}
     if quantized:
         # bitsandbytes quantizes while loading, onto the device it computes on: this process's GPU under
