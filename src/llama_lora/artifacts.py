@@ -32,6 +32,10 @@ except ImportError:  # Windows: no flock, no run lock
     fcntl = None
 
 FINISHED = "finished"
+STATUSES = ("running", "interrupted", "failed", FINISHED)
+# The entries train writes at a run folder's top level: the only names whose stale temporaries it cleans.
+RUN_ENTRIES = ("config.yaml", "run.json", "prompt.json", "adapter", "tokenizer", "metrics.json", "merged",
+               "eval.json", "baseline.json")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,34 @@ class RunDir:
     def status(self) -> dict[str, Any]:
         return read_json(self.status_file) if self.status_file.is_file() else {}
 
+    def is_owned(self) -> bool:
+        """Whether llama-lora wrote this folder: it holds a run.json of ours (a dict with a known status).
+        Only such a folder is ever written into, cleaned or replaced by train (the ownership rule)."""
+        try:
+            data = json.loads(self.status_file.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and data.get("status") in STATUSES
+
+    def check_trainable_here(self) -> None:
+        """Refuse, before anything is written, a place train must not use: a file or link, a non-empty
+        folder llama-lora did not write, or a folder inside another run (whose own files it would mix with)."""
+        p = self.path
+        if p.is_symlink() or (p.exists() and not p.is_dir()):
+            raise LlamaLoraError(
+                f"{p} exists and is {'a link' if p.is_symlink() else 'a file'}, not a llama-lora run folder: train "
+                "will not write there. Choose another run_name=... or output_dir=... . Nothing was changed.")
+        if p.is_dir() and not self.is_owned() and any(p.iterdir()):
+            raise LlamaLoraError(
+                f"{p} is a folder that llama-lora did not write (it has no run.json of a llama-lora run), so train "
+                "will not write into it, clean it or replace it. Choose another run_name=... or output_dir=..., or "
+                "move that folder away. Nothing was changed.")
+        parent = next((q for q in p.parents if RunDir(q).is_owned()), None)
+        if parent is not None:
+            raise LlamaLoraError(
+                f"output_dir {p.parent} is inside the llama-lora run {parent}: a new run there would mix its files "
+                "with that run's. Choose an output_dir outside it (e.g. output_dir=outputs). Nothing was changed.")
+
     def is_finished(self) -> bool:
         return self.status().get("status") == FINISHED and (self.adapter / "adapter_config.json").is_file()
 
@@ -62,7 +94,8 @@ class RunDir:
     def prepare_for_training(self, overwrite: bool, resume: str) -> list[str]:
         """Refuse a finished run (unless overwrite), clear one being replaced, make sure the folder is
         writable, and undo what a killed save left (`clean_stale`); returns what was cleaned up."""
-        if self.path.exists():
+        self.check_trainable_here()
+        if self.path.exists() and self.is_owned():
             if self.is_finished() and not overwrite:
                 raise LlamaLoraError(
                     f"Run directory {self.path} holds a finished run. Choose another run_name=..., "
@@ -77,15 +110,15 @@ class RunDir:
                 shutil.rmtree(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
+            check_writable(self.path)
         except OSError as e:
             raise LlamaLoraError(
                 f"Cannot write to the output directory {self.path} ({e.strerror}). "
                 "Choose a writable output_dir=... ."
             ) from e
-        return clean_stale(self.path) + clean_stale(self.checkpoints)
+        if not self.is_owned():
+            self.set_status("running")  # from here on the folder is llama-lora's (is_owned)
+        return clean_stale(self.path, RUN_ENTRIES) + clean_stale(self.checkpoints)
 
     @property
     def lock_file(self) -> Path:
@@ -99,6 +132,13 @@ class RunDir:
         LlamaLoraError naming the process that holds it. Use as a context manager, or keep the returned
         RunLock and call release(); the OS drops it when the process dies (even on kill -9)."""
         return RunLock(self, purpose)
+
+    def read_lock(self, purpose: str) -> "RunLock":
+        """A shared lock for reading the run's files ('serve', 'export'): it waits for no other reader and
+        is refused while a writer holds the run (so a half-written run is never read). On a file system
+        that cannot hold the lock file (a read-only mount) the run is read without one: nothing can write
+        there either. Nothing is written into the run."""
+        return RunLock(self, purpose, shared=True)
 
     def checkpoint_dirs(self) -> list[Path]:
         """Complete checkpoints, oldest first (a complete one has its state file, written last)."""
@@ -119,20 +159,25 @@ class RunLock:
     time, only for the message. Where flock does not exist (Windows) this is a no-op.
     """
 
-    def __init__(self, run_dir: RunDir, purpose: str):
+    def __init__(self, run_dir: RunDir, purpose: str, shared: bool = False):
         self.path, self.purpose, self._fd = run_dir.lock_file, purpose, None
         if fcntl is None:
             return
+        if shared:
+            fd = self._open_shared(run_dir)
+            if fd is None:
+                return  # a read-only place: nothing can write the run while it is read
+        else:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise LlamaLoraError(
+                    f"Cannot write to the output directory {self.path.parent} ({e.strerror}): the run lock "
+                    f"{self.path.name} cannot be created there. {_unwritable_advice(run_dir, purpose)}"
+                ) from e
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise LlamaLoraError(
-                f"Cannot write to the output directory {self.path.parent} ({e.strerror}): the run lock "
-                f"{self.path.name} cannot be created there. {_unwritable_advice(run_dir, purpose)}"
-            ) from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
             holder = _lock_holder(fd)
             os.close(fd)
@@ -142,11 +187,12 @@ class RunLock:
                 f"Run directory {run_dir.path} is in use by another llama-lora process (pid "
                 f"{holder.get('pid', '?')}, `{holder.get('purpose', '?')}`, since {holder.get('since', '?')}). {how}"
             ) from None
+        if shared:
+            self._fd = fd  # readers leave the holder line to the writers
+            return
         if purpose != "train" and run_dir.path.is_dir():  # eval, baseline, merge write into the run itself
-            probe = run_dir.path / f".write-check-{os.getpid()}"
             try:
-                probe.touch()
-                probe.unlink()
+                check_writable(run_dir.path)
             except OSError as e:
                 os.close(fd)
                 raise LlamaLoraError(f"Cannot write into the run folder {run_dir.path} ({e.strerror}). "
@@ -156,6 +202,20 @@ class RunLock:
                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode() + b"\n", 0)
         self._fd = fd
 
+    def _open_shared(self, run_dir: RunDir) -> int | None:
+        """The lock file opened for a shared lock, or None where it cannot exist (read-only file system)."""
+        try:
+            return os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                with contextlib.suppress(OSError):
+                    return os.open(self.path, os.O_RDONLY)  # made earlier by a writer: lock it all the same
+                return None
+            raise LlamaLoraError(
+                f"Cannot open the run lock {self.path} of {run_dir.path} ({e.strerror}), so the run cannot be "
+                f"read safely for `{self.purpose}`. Check the folder {self.path.parent}, then run again."
+            ) from e
+
     @property
     def held(self) -> bool:
         return self._fd is not None
@@ -164,7 +224,7 @@ class RunLock:
         fd, self._fd = self._fd, None
         if fd is not None:
             with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)  # no holder to name any more
+                os.ftruncate(fd, 0)  # no holder to name any more (a reader's descriptor cannot: no harm)
             os.close(fd)  # closing the last descriptor drops the flock
 
     def __enter__(self) -> "RunLock":
@@ -188,6 +248,13 @@ def _lock_holder(fd: int) -> dict[str, Any]:
         return json.loads(os.pread(fd, 4096, 0) or b"{}")
     except (OSError, ValueError):
         return {}  # the holder took the lock a moment ago and has not written its line yet
+
+
+def check_writable(folder: Path) -> None:
+    """Create and remove a probe file in `folder`: raises the OSError a real write would (read-only, full)."""
+    probe = Path(folder) / f".write-check-{os.getpid()}"
+    probe.touch()
+    probe.unlink()
 
 
 def write_text(path: Path, text: str) -> None:
@@ -270,10 +337,11 @@ def atomic_dir(path: Path, marker: str | None = None) -> Iterator[Path]:
     """
     check_replaceable(path, marker)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_own_tmp(tmp)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
+        (tmp / TMP_MARKER).touch()  # what clean_stale recognises as ours, beside the exact name
         yield tmp
         _fsync_tree(tmp)  # the data is on disk before the rename makes it visible
         if delay := float(os.environ.get(SAVE_DELAY_ENV) or 0):
@@ -282,8 +350,9 @@ def atomic_dir(path: Path, marker: str | None = None) -> Iterator[Path]:
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
+        (path / TMP_MARKER).unlink()  # a kill just before this leaves a hidden marker that nothing reads
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_own_tmp(tmp)
         if isinstance(e, OSError):
             raise LlamaLoraError(
                 f"Could not write {path} ({e.strerror or e}). Nothing was replaced: any earlier version is "
@@ -295,6 +364,15 @@ def atomic_dir(path: Path, marker: str | None = None) -> Iterator[Path]:
 
 # Testing knob: seconds atomic_dir waits between writing everything and the rename.
 SAVE_DELAY_ENV = "LLAMA_LORA_TEST_SAVE_DELAY"
+# The file inside every temporary folder atomic_dir makes, until just before its rename.
+TMP_MARKER = ".llama-lora-partial"
+
+
+def _remove_own_tmp(tmp: Path) -> None:
+    """Remove `tmp` (an atomic_dir temporary of this exact name) if llama-lora made it: a folder holding
+    TMP_MARKER. A folder of that name without it is left alone (it is not ours)."""
+    if tmp.is_dir() and not tmp.is_symlink() and (tmp / TMP_MARKER).is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -308,26 +386,40 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
-def clean_stale(folder: Path) -> list[str]:
-    """Undo what a killed atomic_dir/write_text left in `folder`; return what was done.
+def clean_stale(folder: Path, names: tuple[str, ...] | None = None) -> list[str]:
+    """Undo what a killed atomic_dir/write_text left in `folder` for the entries `names` (None: every
+    entry, for a folder that is wholly llama-lora's, such as a run's checkpoints/); return what was done.
 
-    `.X.tmp-PID` (half-written, never renamed) is deleted; `.X.old-PID` (the previous version, set
-    aside just before a rename that never happened) is put back as X if X is missing. Entries of a
-    process that is still alive are left alone: it may be writing them right now.
+    Only the exact names llama-lora would have made are looked at: `.X.tmp-PID` (half-written, never
+    renamed) is deleted, a folder only when it holds TMP_MARKER; `.X.old-PID` (the previous version, set
+    aside just before a rename that never happened) is put back as X if X is missing, else removed.
+    Entries of a process that is still alive are left alone: it may be writing them right now.
     """
     done = []
-    if not folder.is_dir():
+    if not folder.is_dir() or folder.is_symlink():
         return done
     for p in sorted(folder.glob(".*")):
         name, sep, pid = p.name.rpartition(".tmp-") if ".tmp-" in p.name else p.name.rpartition(".old-")
-        if not sep or not pid.isdigit() or _other_process_alive(int(pid)):
+        if not sep or not pid.isdigit() or not name.startswith(".") or _other_process_alive(int(pid)):
+            continue
+        if names is not None and name[1:] not in names:
             continue
         target = folder / name[1:]
-        if ".old-" in p.name and not target.exists():
-            os.replace(p, target)
-            done.append(f"restored {target.name} from {p.name}")
+        if p.is_symlink():
+            continue
+        if ".old-" in p.name:
+            if not target.exists():
+                os.replace(p, target)
+                done.append(f"restored {target.name} from {p.name}")
+            else:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                done.append(f"removed {p.name}")
+        elif p.is_dir():
+            if (p / TMP_MARKER).is_file():
+                shutil.rmtree(p)
+                done.append(f"removed {p.name}")
         else:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            p.unlink()
             done.append(f"removed {p.name}")
     return done
 
@@ -349,10 +441,8 @@ def check_free_space(path: Path, need_bytes: int) -> None:
     path = Path(path)
     while not path.exists():
         path = path.parent
-    probe = path / f".write-check-{os.getpid()}"
     try:  # a read-only file system has free space too: try the write itself
-        probe.touch()
-        probe.unlink()
+        check_writable(path)
     except OSError as e:
         raise LlamaLoraError(f"Cannot write under {path} ({e.strerror}). {_os_advice(e)}") from e
     free = shutil.disk_usage(path).free

@@ -132,7 +132,7 @@ def _merge(cfg: Config, run_dir: RunDir, t0: float) -> Path:
 
     merged = model.merge_and_unload()
     nbytes = sum(p.numel() * p.element_size() for p in merged.parameters())
-    artifacts.clean_stale(run_dir.path)  # a killed earlier merge's `.merged.tmp-PID` (GBs) goes first
+    artifacts.clean_stale(run_dir.path, (run_dir.merged.name,))  # a killed earlier merge's `.merged.tmp-PID` (GBs) goes first
     artifacts.check_free_space(target, nbytes + 100 * 2**20)
     with artifacts.atomic_dir(run_dir.merged, MARKER) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)

@@ -117,15 +117,17 @@ def _check_applicable(command: str, overrides: list[str], target: Path) -> None:
 
 
 @contextlib.contextmanager
-def writing_into(cfg: Config, purpose: str):
+def writing_into(cfg: Config, purpose: str, shared: bool = False):
     """Yield cfg with its target resolved once (so "the latest finished run" cannot change meanwhile) and,
-    for a run directory, that run locked for `purpose` (one writer per run: artifacts.RunDir.lock)."""
+    for a run directory, that run locked for `purpose` (one writer per run: artifacts.RunDir.lock).
+    shared=True for a command that only reads the run (export): a shared lock, none on a read-only mount."""
     target = resolve(cfg.infer.run_dir, cfg.output_dir)
     pinned = cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"run_dir": str(target)})})
     if not is_run_dir(target):  # a merged model: nothing of a run is written
         yield pinned
         return
-    with RunDir(target).lock(purpose):
+    run = RunDir(target)
+    with (run.read_lock(purpose) if shared else run.lock(purpose)):
         yield pinned
 
 

@@ -445,6 +445,7 @@ def _prepare_run_dir(cfg: Config, accelerator: Accelerator, held: contextlib.Exi
     run_dir = RunDir(Path(cfg.output_dir) / name)
     try:
         if accelerator.is_main_process:
+            run_dir.check_trainable_here()  # before the lock file is made beside a folder that is not ours
             # One writer per run: locked before anything in it is checked, cleaned or written (a second
             # train/merge/eval of this run is refused, and this run refuses while one of them holds it).
             # Held until run() returns or raises (or the process dies).

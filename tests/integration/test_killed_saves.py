@@ -49,7 +49,8 @@ def test_kill_9_during_a_save_leaves_the_old_version_and_an_ignored_tmp(tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # Everything of the new checkpoint exists, state file included, but only under the tmp name.
-    assert _tree(tmp) == {"adapter_model.safetensors": "new weights", "trainer_state.json": "{}"}
+    assert _tree(tmp) == {"adapter_model.safetensors": "new weights", "trainer_state.json": "{}",
+                          artifacts.TMP_MARKER: ""}  # the marker: what clean_stale recognises as ours
     assert not target.exists()
     run = RunDir(tmp_path)
     assert run.checkpoint_dirs() == [good]
@@ -82,6 +83,7 @@ def test_clean_stale_puts_back_a_version_set_aside_by_a_killed_rename(tmp_path):
     (old / "adapter_config.json").write_text("{}")
     newer = tmp_path / f".adapter.tmp-{pid}"
     newer.mkdir()
+    (newer / artifacts.TMP_MARKER).touch()  # atomic_dir's own temporary folder
     (tmp_path / f".run.json.tmp-{pid}").write_text('{"status": "fin')  # a killed write_text
     done = clean_stale(tmp_path)
     assert f"restored adapter from .adapter.old-{pid}" in done
@@ -93,6 +95,7 @@ def test_clean_stale_leaves_a_live_writer_and_unrelated_files_alone(tmp_path):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (tmp_path / f".adapter.tmp-{live.pid}").mkdir()
+        (tmp_path / f".adapter.tmp-{live.pid}" / artifacts.TMP_MARKER).touch()
         (tmp_path / ".gitignore").write_text("*")
         (tmp_path / ".notes.tmp-abc").write_text("")
         assert clean_stale(tmp_path) == []
@@ -101,3 +104,22 @@ def test_clean_stale_leaves_a_live_writer_and_unrelated_files_alone(tmp_path):
         live.kill()
         live.wait()
     assert clean_stale(tmp_path) == [f"removed .adapter.tmp-{live.pid}"]
+
+
+def test_clean_stale_looks_only_at_the_names_it_would_have_made(tmp_path):
+    """Someone else's `.X.tmp-PID` / `.X.old-PID` entries (a thesis draft, a settings backup) are left alone:
+    only the exact names asked for are cleaned, and a temporary folder only when it carries the marker."""
+    pid = _dead_pid()
+    thesis = tmp_path / f".thesis.tmp-{pid}"
+    thesis.mkdir()
+    (thesis / "c.txt").write_text("ch1")
+    (tmp_path / f".settings.old-{pid}").write_text("v1")
+    unmarked = tmp_path / f".out.tmp-{pid}"  # our name, but not a folder we made
+    unmarked.mkdir()
+    (unmarked / "x").write_text("mine")
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert clean_stale(tmp_path, ("out",)) == []
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    (unmarked / artifacts.TMP_MARKER).touch()
+    assert clean_stale(tmp_path, ("out",)) == [f"removed {unmarked.name}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([thesis.name, f".settings.old-{pid}"])

@@ -34,7 +34,8 @@ def _tree(root) -> dict[str, str]:
 
 
 def _running(run):
-    return lambda: RunDir(run).status().get("status") == "running"
+    # run.json says running from the moment train owns the folder; training has begun once it names the base
+    return lambda: RunDir(run).status().get("status") == "running" and "base_model" in RunDir(run).status()
 
 
 def _refused(proc, path, pid: int, purpose: str) -> str:

@@ -117,7 +117,9 @@ def test_run_lock_survives_overwrite_and_leaves_the_run_folder_contract_alone(tm
     write_json(run.adapter / "adapter_config.json", {})
     with run.lock("train"):
         run.prepare_for_training(overwrite=True, resume="auto")  # rmtree's the folder; the lock is outside
-        assert run.lock_file.is_file() and sorted(p.name for p in run.path.iterdir()) == []
+        # the replaced folder starts as llama-lora's own: a run.json saying it is running, nothing else
+        assert run.lock_file.is_file() and sorted(p.name for p in run.path.iterdir()) == ["run.json"]
+        assert run.is_owned() and run.status()["status"] == "running"
         with pytest.raises(LlamaLoraError, match="in use by another llama-lora process"):
             run.lock("train")
     assert artifacts.clean_stale(tmp_path) == [] and run.lock_file.is_file()  # not a stale save: kept

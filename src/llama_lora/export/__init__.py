@@ -88,9 +88,9 @@ def run(cfg: Config, fmt: str = "gguf", dtype: str = "f16", output: str | None =
             f"the Llama family (LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM and "
             f"{len(supported_architectures()) - 3} more). Use llama.cpp's own "
             "convert_hf_to_gguf.py on `llama-lora merge`'s output for other architectures.")
-    with runs.writing_into(cfg, "export") as cfg:
+    with runs.writing_into(cfg, "export", shared=True) as cfg:
         _check_space(target, cfg, out, dtype, model_dir)
-        artifacts.clean_stale(out.parent)
+        artifacts.clean_stale(out.parent, (out.name,))
         with artifacts.atomic_dir(out) as tmp:
             report = _export(cfg, tmp, dtype, model_dir, adapter)
             report["seconds"] = round(time.time() - t0, 1)

@@ -131,7 +131,7 @@ class Pool:
             )
         # The run lock (held by train, merge, eval) while its files are read: never load a half-written run.
         try:
-            lock = run.lock("serve")
+            lock = run.read_lock("serve")
         except LlamaLoraError as e:
             raise RunBusy(str(e)) from None
         with lock:
