@@ -187,8 +187,9 @@ class BadInputCase:
 
 
 def _train(id: str, overrides: list[str], expect: list[str], before_model: bool = False,
-           env: dict[str, str] | None = None) -> BadInputCase:
-    return BadInputCase(id, ["train", *BAD_INPUT_TRAIN, f"run_name={id}", *overrides], expect, before_model, env)
+           env: dict[str, str] | None = None, keeps: tuple[str, ...] = ()) -> BadInputCase:
+    return BadInputCase(id, ["train", *BAD_INPUT_TRAIN, f"run_name={id}", *overrides], expect, before_model, env,
+                        keeps)
 
 
 BAD_INPUT_CASES = [
@@ -307,7 +308,61 @@ BAD_INPUT_CASES = [
     BadInputCase("infer_input_file_non_text", ["infer", "infer.run_dir={w}/runs/good", "--input-file",
                                                "{w}/nontext_prompt.jsonl"], ["line 1", "'input'", "list"]),
 ]
-BAD_INPUT_IN_SUBPROCESS = ["unknown_key", "infer_adapter_corrupted"]
+BAD_INPUT_CASES += [
+    # ---- never touch what llama-lora did not write (train into a folder that is not a run)
+    _train("train_foreign_folder_resume_never", ["output_dir={w}/user", "run_name=photos", "training.resume=never"],
+           ["user/photos is a folder that llama-lora did not write", "Nothing was changed"], True,
+           keeps=("{w}/user/photos/2024/img1.jpg",)),
+    _train("train_foreign_folder_overwrite", ["output_dir={w}/user", "run_name=photos", "overwrite=true"],
+           ["user/photos is a folder that llama-lora did not write"], True, keeps=("{w}/user/photos/2024/img1.jpg",)),
+    _train("train_foreign_folder_default", ["output_dir={w}/user", "run_name=proj"],
+           ["user/proj is a folder that llama-lora did not write", "Choose another run_name"], True,
+           keeps=("{w}/user/proj/checkpoints/important.bin", "{w}/user/proj/config.yaml")),
+    _train("train_output_dir_is_a_runs_adapter", ["output_dir={w}/runs/good", "run_name=adapter"],
+           ["runs/good/adapter is a folder that llama-lora did not write"], True,
+           keeps=("{w}/runs/good/adapter/adapter_model.safetensors",)),
+    _train("train_output_dir_inside_a_run", ["output_dir={w}/runs/good", "run_name=new"],
+           ["runs/good is the llama-lora run folder", "Choose an output_dir outside it"], True,
+           keeps=("{w}/runs/good/config.yaml",)),
+    # ---- adapter settings the model cannot take, settings that would be ignored, names too long
+    _train("pissa_rank_above_layer_size", ["peft.init=pissa", "peft.r=200"],
+           ["peft.r=200 is larger than the adapted layer", "has only 64", "peft.r=64 or less"]),
+    BadInputCase("validate_pissa_rank_above_layer_size",
+                 ["validate", *BAD_INPUT_TRAIN, "peft.init=pissa", "peft.r=200"],
+                 ["peft.r=200 is larger than the adapted layer"]),
+    _train("lm_head_tied_target", ["peft.target_modules=[q_proj,lm_head]"],
+           ["lm_head, the output head", "ties to its input embeddings", "Remove lm_head"]),
+    _train("group_by_length_with_packing", ["data.group_by_length=true"],
+           ["data.group_by_length=true has no effect with data.packing=true", "data.packing=false"], True),
+    _train("run_name_too_long", ["run_name=" + "r" * 240], ["run_name", "240 bytes long", "at most 230"], True),
+    # ---- runs that cannot be used yet, damaged run files, a run path with '=' in it
+    BadInputCase("infer_interrupted_run", ["infer", "infer.run_dir={w}/out/r4_ckpt", "Hi"],
+                 ["is a llama-lora run whose training did not finish (interrupted)", "Resume it",
+                  "run_name=r4_ckpt"]),
+    BadInputCase("eval_run_path_with_equals", ["eval", "{w}/sweep/peft.r=2"],
+                 ["peft.r=2 is a llama-lora run whose training did not finish"]),
+    BadInputCase("infer_damaged_config", ["infer", "infer.run_dir={w}/runs/bad_config", "Hi"],
+                 ["saved config", "bad_config/config.yaml is damaged", "Restore it"]),
+    BadInputCase("infer_damaged_prompt_format", ["infer", "infer.run_dir={w}/runs/bad_prompt", "Hi"],
+                 ["prompt format", "bad_prompt/prompt.json is damaged"]),
+    # ---- infer's files: checked before the model loads, the user's files kept
+    BadInputCase("infer_output_file_is_a_folder", ["infer", "infer.run_dir={w}/runs/good", "--input-file",
+                                                   "{w}/prompts.jsonl", "--output-file", "{w}/user"],
+                 ["--output-file", "is a folder"], True),
+    BadInputCase("infer_output_file_is_the_users", ["infer", "infer.run_dir={w}/runs/good", "--input-file",
+                                                    "{w}/prompts.jsonl", "--output-file", "{w}/notes.txt"],
+                 ["is not an answers file written by `llama-lora infer`"], True, keeps=("{w}/notes.txt",)),
+    BadInputCase("infer_output_file_is_the_input", ["infer", "infer.run_dir={w}/runs/good", "--input-file",
+                                                    "{w}/prompts.jsonl", "--output-file", "{w}/prompts.jsonl"],
+                 ["is the --input-file"], True, keeps=("{w}/prompts.jsonl",)),
+    BadInputCase("infer_input_file_binary", ["infer", "infer.run_dir={w}/runs/good", "--input-file", "{w}/binary.bin"],
+                 ["is not UTF-8 text", "byte 16 (line 2) is 0xff"], True),
+    BadInputCase("infer_input_file_lone_surrogate", ["infer", "infer.run_dir={w}/runs/good", "--input-file",
+                                                     "{w}/surrogate.jsonl"],
+                 ["line 1: the prompt holds an unpaired surrogate", "\\ud83d"], True),
+]
+BAD_INPUT_IN_SUBPROCESS = ["unknown_key", "infer_adapter_corrupted", "train_foreign_folder_resume_never",
+                           "infer_input_file_binary"]
 
 
 def _jsonl(path: Path, rows) -> None:
@@ -394,6 +449,17 @@ def build_bad_input_world(w: Path, tiny_base: Path) -> Path:
     (finished / "metrics.json").write_text('{"eval_loss": 1.0}')
     (out / "partial" / "checkpoints" / "step-000002").mkdir(parents=True)
     (out / "partial" / "checkpoints" / "step-000002" / "trainer_state.json").write_text('{"step": 2}')
+    (out / "partial" / "run.json").write_text('{"status": "interrupted", "step": 2}')
+    # Folders that are not llama-lora's, where a train would write (`output_dir={w}/user run_name=...`).
+    (w / "user" / "photos" / "2024").mkdir(parents=True)
+    (w / "user" / "photos" / "2024" / "img1.jpg").write_bytes(b"\xff\xd8jpeg")
+    (w / "user" / "proj" / "checkpoints").mkdir(parents=True)
+    (w / "user" / "proj" / "checkpoints" / "important.bin").write_bytes(b"weights of mine")
+    (w / "user" / "proj" / "config.yaml").write_text("mine: true\n")
+    # infer's input and output files
+    _jsonl(w / "prompts.jsonl", [{"prompt": "Hi"}])
+    (w / "binary.bin").write_bytes(b'{"prompt": "a"}\n\xff\xfe\x00binary')
+    (w / "surrogate.jsonl").write_text('{"prompt": "cut emoji \\ud83d"}\n')
     _truncate(_checkpoint(out / "corrupt_ckpt", lora()) / "adapter_model.safetensors")
     _checkpoint(out / "r4_ckpt", lora(r=4))
     _checkpoint(out / "q_only_ckpt", lora(r=4, targets=["q_proj"]))
@@ -410,6 +476,10 @@ def build_bad_input_world(w: Path, tiny_base: Path) -> Path:
     _jsonl(w / "empty_prompt.jsonl", [{"prompt": ""}])
     _jsonl(w / "nontext_prompt.jsonl", [{"instruction": 5, "input": ["x"]}])
     _truncate(w / "runs" / "corrupt_adapter" / "adapter" / "adapter_model.safetensors")
+    _fake_run(w / "runs" / "bad_config", tiny_base, lora(), "model: [name_or_path: x\n")  # not YAML
+    _fake_run(w / "runs" / "bad_prompt", tiny_base, lora(), cfg_yaml)
+    (w / "runs" / "bad_prompt" / "prompt.json").write_text('{"kind": "chat", "style": "old"}')
+    shutil.copytree(out / "r4_ckpt", w / "sweep" / "peft.r=2")  # a path with '=': an interrupted run
     other = AutoModelForCausalLM.from_pretrained(tiny_base).config
     other.hidden_size, other.intermediate_size, other.head_dim = 64, 96, 16
     _fake_run(w / "runs" / "other_base", tiny_base, lora(model=LlamaForCausalLM(other)), cfg_yaml)

@@ -54,23 +54,46 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     return sorted(names - {"lm_head"})
 
 
-def check_target_modules(model: torch.nn.Module, cfg: PeftConfig) -> None:
-    if cfg.target_modules == "all-linear":
-        return
+# Inits that start from an SVD of each adapted weight: the rank cannot exceed the weight's smaller side.
+SVD_INITS = ("pissa", "olora", "loftq")
+
+
+def check_adapter_fits(model: torch.nn.Module, cfg: PeftConfig) -> None:
+    """The adapter `cfg` can be built on `model` (a real or a meta-device one): every named target exists,
+    and an SVD-based init's rank fits every adapted layer. Raises LlamaLoraError saying what to change."""
     available = linear_module_names(model)
-    missing = [t for t in cfg.target_modules if t not in available]
+    targets = available if cfg.target_modules == "all-linear" else list(cfg.target_modules)
+    missing = [t for t in targets if t not in available]
+    if "lm_head" in missing:
+        head = getattr(model, "lm_head", None)
+        tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+        raise LlamaLoraError(
+            "peft.target_modules names lm_head, the output head"
+            + (", which this model ties to its input embeddings (one shared weight)" if tied and head is not None else "")
+            + ": llama-lora adapts the linear layers of the transformer blocks only. Remove lm_head from "
+            f"peft.target_modules (its linear layers are {available}), or use peft.target_modules=all-linear.")
     if missing:
         raise LlamaLoraError(
             f"peft.target_modules names {missing}, which the model does not have. "
             f"Its linear layers are {available}; use some of those or peft.target_modules=all-linear."
         )
+    if cfg.init in SVD_INITS:
+        sizes = {n.rsplit(".", 1)[-1]: min(m.in_features, m.out_features) for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets}
+        if sizes and cfg.r > min(sizes.values()):
+            smallest = min(sizes, key=sizes.get)
+            raise LlamaLoraError(
+                f"peft.r={cfg.r} is larger than the adapted layer {smallest} allows with peft.init={cfg.init}: that "
+                f"init starts from the layer's singular vectors, and {smallest} has only {sizes[smallest]} (the "
+                f"smaller of its input and output sizes). Use peft.r={sizes[smallest]} or less, or leave "
+                f"{smallest} out of peft.target_modules.")
 
 
 def apply_adapter(model: PreTrainedModel, cfg: PeftConfig, lean: LeanPolicy | None = None) -> PeftModel:
     """The PEFT model of `cfg` on `model`. With a LeanPolicy that says lean (training: Runtime.lean), PEFT
     creates llama-lora's LeanLinear layers (llama_lora.lean) set to that policy; their parameters, names
     and saved files are PEFT's own. Without one (inference, merge), PEFT's own layers."""
-    check_target_modules(model, cfg)
+    check_adapter_fits(model, cfg)
     peft_cfg = lora_config(cfg)
     if lean is not None and lean.lean:
         from llama_lora import lean as lean_lib

@@ -80,9 +80,10 @@ class RunDir:
                 "move that folder away. Nothing was changed.")
         parent = next((q for q in p.parents if RunDir(q).is_owned()), None)
         if parent is not None:
+            where = "is the llama-lora run folder" if parent == p.parent else f"is inside the llama-lora run {parent}"
             raise LlamaLoraError(
-                f"output_dir {p.parent} is inside the llama-lora run {parent}: a new run there would mix its files "
-                "with that run's. Choose an output_dir outside it (e.g. output_dir=outputs). Nothing was changed.")
+                f"output_dir {p.parent} {where}: a new run there would mix its files with that run's. Choose an "
+                "output_dir outside it (e.g. output_dir=outputs). Nothing was changed.")
 
     def is_finished(self) -> bool:
         return self.status().get("status") == FINISHED and (self.adapter / "adapter_config.json").is_file()
@@ -261,11 +262,16 @@ def write_text(path: Path, text: str) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: readers see old or new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -427,9 +433,16 @@ def clean_stale(folder: Path, names: tuple[str, ...] | None = None) -> list[str]
 def _other_process_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # our own leftovers (an earlier failed save in this process) are stale
+    return process_alive(pid)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (on this machine)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False  # 0 and negatives name process groups, not a process
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True

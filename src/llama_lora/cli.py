@@ -45,7 +45,9 @@ _OVERRIDE = re.compile(r"^(\+\+|\+|~)?[A-Za-z_][\w.@/-]*=")
 
 
 def is_override(arg: str) -> bool:
-    return bool(_OVERRIDE.match(arg))
+    """A Hydra override, unless it names an existing file or folder (`outputs/sweep/peft.r=2`, a run that
+    `experiment -m` named after its override): a path on the command line is the run, not a setting."""
+    return bool(_OVERRIDE.match(arg)) and not ("/" in arg and os.path.exists(arg))
 
 
 def split_args(args: list[str], run_dir_shorthand: bool = True) -> tuple[list[str], list[str], str | None]:
@@ -293,6 +295,11 @@ def quiet_third_party(terminal: bool) -> None:
             pass
 
 
+# Import name of each optional dependency -> the pyproject extra that installs it.
+OPTIONAL_EXTRAS = {"bitsandbytes": "quant", "llama_cpp": "llamacpp", "wandb": "wandb", "flash_attn": "flash",
+                   "deepspeed": "deepspeed", "trl": "bench"}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LLAMA_LORA_DEBUG", "") not in ("", "0")
@@ -318,6 +325,13 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0" or debug:
             print("\n" + textwrap.fill(f"error: {e}", width=100, break_long_words=False, break_on_hyphens=False),
                   file=sys.stderr)
+        raise SystemExit(2)
+    except ModuleNotFoundError as e:
+        extra = OPTIONAL_EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"\nerror: `llama-lora {name}` needs the optional package '{e.name}', which is not installed: "
+              f"pip install 'llama-lora[{extra}]'", file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -36,12 +36,16 @@ def run(cfg: Config, prompt: str | None = None, input_file: str | None = None, o
     if prompt is not None and not prompt.strip():  # before loading anything
         raise LlamaLoraError("The prompt is empty. Give the instruction as the argument, e.g. "
                              "llama-lora infer \"Reverse the word.\" --input hello, or omit it to chat.")
+    records = read_prompts(Path(input_file)) if input_file is not None else None  # before loading anything
+    if output_file is not None:
+        check_output_file(Path(output_file), Path(input_file) if input_file else None)
     loaded = runs.load(cfg)
     torch.manual_seed(cfg.training.seed)  # reproducible sampling
     set_by_user = [k for k in ("do_sample", "temperature", "top_p") if getattr(cfg.infer, k) is not None]
     log.info(describe(_gen(loaded, cfg), set_by_user))
     if input_file is not None:
-        return answer_file(loaded, cfg, Path(input_file), Path(output_file) if output_file else None, stdout)
+        return answer_file(loaded, cfg, Path(input_file), Path(output_file) if output_file else None, stdout,
+                           records)
     if prompt is not None:
         return answer(loaded, cfg, prompt, None, show_prompt, stdout, prompt_input)
     return chat(loaded, cfg, stdin or sys.stdin, stdout, show_prompt)
@@ -151,8 +155,16 @@ def read_prompts(path: Path) -> list[dict]:
     """JSONL records with `instruction` (+ optional `input`), or `prompt` (the user message)."""
     if not path.is_file():
         raise LlamaLoraError(f"--input-file {path} does not exist.")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise LlamaLoraError(
+            f"--input-file {path} is not UTF-8 text: byte {e.start} (line {line}) is 0x{data[e.start]:02x}. Give a "
+            "JSONL file: one JSON object per line, in UTF-8.") from None
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -168,6 +180,13 @@ def read_prompts(path: Path) -> list[dict]:
         texts = {k: data_lib.field_text(rec[k], k, n, str(path), unit="line", advice=_PROMPT_ADVICE,
                                          label="field")
                  for k in ("instruction", "input", "prompt") if k in rec}
+        for k, v in texts.items():
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:  # a JSON escape such as \ud800: half of an emoji, cut off
+                raise LlamaLoraError(
+                    f"{path} line {n}: the {k} holds an unpaired surrogate (\\u{ord(v[e.start]):04x} at character "
+                    f"{e.start}), which is not text: half of a character that was cut off. Fix that line.") from None
         if not (texts.get("instruction", "").strip() or texts.get("prompt", "").strip()):
             field = "prompt" if "prompt" in rec else "instruction"
             raise LlamaLoraError(
@@ -180,8 +199,39 @@ def read_prompts(path: Path) -> list[dict]:
     return records
 
 
-def answer_file(loaded: Loaded, cfg: Config, input_file: Path, output_file: Path | None, stdout: TextIO) -> list[dict]:
-    records = read_prompts(input_file)
+def check_output_file(path: Path, input_file: Path | None) -> None:
+    """--output-file can be written, before any work: not a folder, not the input, in a writable folder, and
+    not a file of the user's (an existing file is replaced only when it is an answers file infer wrote)."""
+    if path.is_dir():
+        raise LlamaLoraError(f"--output-file {path} is a folder. Name a file, e.g. --output-file {path}/answers.jsonl.")
+    if input_file is not None and path.exists() and path.resolve() == input_file.resolve():
+        raise LlamaLoraError(f"--output-file {path} is the --input-file: the prompts would be overwritten. Name "
+                             "another file for the answers.")
+    if path.exists() and not _is_answers_file(path):
+        raise LlamaLoraError(
+            f"--output-file {path} exists and is not an answers file written by `llama-lora infer` (JSONL records "
+            "with a 'response'), so it is not overwritten. Name another file, or move that one away.")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        artifacts.check_writable(folder)
+    except OSError as e:
+        raise LlamaLoraError(f"--output-file {path} cannot be written: {folder} is not writable ({e.strerror}). "
+                             "Name a file in a writable folder.") from None
+
+
+def _is_answers_file(path: Path) -> bool:
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        return all("response" in json.loads(line) for line in lines)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return False
+
+
+def answer_file(loaded: Loaded, cfg: Config, input_file: Path, output_file: Path | None, stdout: TextIO,
+                records: list[dict] | None = None) -> list[dict]:
+    records = records if records is not None else read_prompts(input_file)
     prompts = [loaded.fmt.prompt(loaded.tokenizer, str(r.get("instruction") or r["prompt"]), str(r.get("input") or ""))
                for r in records]
     log.info("Answering %d prompts from %s in batches of %d", len(prompts), input_file, cfg.infer.batch_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import json
 import logging
 import os
 import platform
@@ -316,6 +317,46 @@ def bnb_config(quantization: str, precision: str):
     # FSDP with a quantized base is refused (check_sharding).
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype(precision), bnb_4bit_quant_storage=torch.uint8)
+
+
+QUANT_CONFIG_FILE = "quantization_config.json"
+
+_QUANT_CARD = """
+## Quantized base: load it the way it was trained
+
+This adapter was trained on its base model quantized by bitsandbytes ({what}). It reproduces the trained model
+only on the same quantization: `{file}` beside this card is the exact `BitsAndBytesConfig`. With plain
+transformers and PEFT:
+
+```python
+import json
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+quant = BitsAndBytesConfig.from_dict(json.load(open("adapter/{file}")))
+base = AutoModelForCausalLM.from_pretrained("{base}", quantization_config=quant, device_map={{"": "cpu"}})
+for module in base.modules():  # CPU only: keep bitsandbytes' eval on the precision training used
+    if getattr(module, "support_avx512bf16_for_cpu", False):
+        module.support_avx512bf16_for_cpu = False
+model = PeftModel.from_pretrained(base, "adapter")
+```
+
+(`device_map={{"": "cuda"}}` on a GPU, where the loop does nothing.) On a CPU with AVX512-BF16, bitsandbytes
+otherwise repacks each 4-bit weight for a bf16 kernel on the first eval forward, which moves the outputs by
+about a percent of the adapter's effect. On a base quantized otherwise (another quant type, no double
+quantization) the adapter is off by much of its effect; `llama-lora merge` writes a full-precision model.
+"""
+
+
+def record_quantization(adapter_dir: Path, runtime: Runtime, base: str) -> None:
+    """Write the quantization an adapter was trained on into its folder: the BitsAndBytesConfig as JSON and
+    a section of its model card (README.md, PEFT's) with the plain-PEFT load that reproduces it."""
+    config = bnb_config(runtime.quantization, runtime.precision).to_dict()
+    (adapter_dir / QUANT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    card = adapter_dir / "README.md"
+    text = card.read_text() if card.is_file() else ""
+    card.write_text(text + _QUANT_CARD.format(what=describe_quantization(runtime.quantization, runtime.precision),
+                                              file=QUANT_CONFIG_FILE, base=base))
 
 
 def prepare_kbit(model: PreTrainedModel, runtime: Runtime) -> None:

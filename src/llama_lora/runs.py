@@ -63,13 +63,29 @@ def resolve(run_dir: str | None, output_dir: str) -> Path:
         return path.parent  # the adapter/ folder itself was given
     if is_run_dir(path) or is_model_dir(path):
         return path
-    hint = ""
-    if (path / "run.json").is_file() and not RunDir(path).is_finished():
-        hint = f" Its status is '{RunDir(path).status().get('status', 'unknown')}': training did not finish."
+    if RunDir(path).is_owned():
+        raise LlamaLoraError(unfinished_message(RunDir(path)))
     raise LlamaLoraError(
         f"'{run_dir}' is neither a llama-lora run directory (with adapter/adapter_config.json) nor a merged "
-        f"model directory (with config.json).{hint}"
+        f"model directory (with config.json)."
     )
+
+
+def unfinished_message(run: RunDir) -> str:
+    """Why a run that llama-lora started cannot be used yet, and the command that finishes it."""
+    status = run.status()
+    state, pid = status.get("status", "unknown"), status.get("pid")
+    alive = isinstance(pid, int) and artifacts.process_alive(pid)
+    if state == "running" and alive:
+        return (f"Run {run.path} is still training (process {pid}): its adapter is not final. Wait for it to "
+                "finish, then run this command again.")
+    why = {"running": f"status 'running', but its process {pid} is gone (killed or crashed)" if pid else
+           "status 'running', but no process is training it",
+           "interrupted": "interrupted" + (f" at step {status['step']}" if status.get("step") else ""),
+           "failed": f"failed: {status.get('error', 'see its train.log')}"}.get(state, f"status '{state}'")
+    return (f"Run {run.path} is a llama-lora run whose training did not finish ({why}), so it has no final "
+            f"adapter yet. Resume it with the command that started it (`llama-lora train ... "
+            f"output_dir={run.path.parent} run_name={run.path.name}`): it continues from its newest checkpoint.")
 
 
 def command_config(command: str, overrides: list[str], run_dir: str | None = None) -> Config:
@@ -166,7 +182,13 @@ def base_model_of(target: Path, cfg: Config) -> str:
 def read_prompt_format(target: Path, cfg: Config, tokenizer: PreTrainedTokenizerBase) -> PromptFormat:
     for p in (target / "prompt.json", target.parent / "prompt.json"):
         if p.is_file():
-            return PromptFormat(**artifacts.read_json(p))
+            data = artifacts.read_json(p)
+            try:
+                return PromptFormat(**data)
+            except TypeError as e:  # not a dict, or keys another version of llama-lora did not write
+                raise LlamaLoraError(
+                    f"The run's prompt format {p} is damaged ({e}): it says how prompts were formatted in "
+                    "training. Restore it from a copy of the run, or train the run again.") from e
     log.warning("No prompt.json next to %s; choosing the prompt format from the config.", target)
     return PromptFormat.choose(cfg.data, tokenizer)
 

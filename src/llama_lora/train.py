@@ -56,8 +56,27 @@ def run(cfg: Config) -> Path:
             log.info("Eval loss before training: %.4f", state.eval_loss_before)
             tracking.log(s.trackers, {"eval/loss": state.eval_loss_before}, 0)
         train_loop(s, state)  # to the last step, or checkpoint and exit on a signal
-        finish(s, state, t_start)  # adapter, tokenizer, metrics; the checkpoints go
+        try:
+            finish(s, state, t_start)  # adapter, tokenizer, metrics; the checkpoints go
+        except Exception as e:
+            _keep_trained_state(s, state, e)
+            raise
     return s.run_dir.path
+
+
+def _keep_trained_state(s: Session, state: TrainState, error: Exception) -> None:
+    """finish() failed after every step ran: save the final state as a checkpoint (one process: no
+    collective can hang) and mark the run failed, so a rerun resumes at the end instead of retraining."""
+    if not s.accelerator.is_main_process:
+        return
+    if s.accelerator.num_processes == 1 and not (s.last_checkpoint or "").endswith(f"step-{state.step:06d}"):
+        try:
+            s.last_checkpoint = checkpoint.save(s.run_dir, s.accelerator, s.model, s.optimizer, s.scheduler,
+                                                state, s.cfg.training.keep_checkpoints)
+        except Exception as save_error:  # the original error is the one to report
+            log.warning("Could not save the final state as a checkpoint: %s", save_error)
+    s.run_dir.set_status("failed", step=state.step, checkpoint=s.last_checkpoint,
+                         error=f"saving the result failed: {type(error).__name__}: {error}"[:1000])
 
 
 @dataclass
@@ -370,6 +389,8 @@ def finish(s: Session, state: TrainState, t_start: float) -> None:
         with artifacts.atomic_dir(s.run_dir.adapter) as tmp:
             # pissa/olora: converted to the plain LoRA for the original base (adapter.save_adapter).
             save_adapter(unwrapped, tmp, adapter_state, s.initial_adapter)
+            if s.runtime.quantization != "none":  # the adapter reproduces the model on this quantization only
+                model_lib.record_quantization(tmp, s.runtime, portable)
         with artifacts.atomic_dir(s.run_dir.tokenizer) as tmp:
             s.tokenizer.save_pretrained(tmp)
         metrics = _metrics(s, state, t_start)

@@ -176,7 +176,7 @@ def _meta_model(model_config, cfg: Config):
 
 
 def _check_target_modules(cfg: Config, model_config, report: Report) -> None:
-    from llama_lora.adapter import check_target_modules, linear_module_names
+    from llama_lora.adapter import check_adapter_fits, linear_module_names
 
     try:
         model = _meta_model(model_config, cfg)
@@ -184,7 +184,7 @@ def _check_target_modules(cfg: Config, model_config, report: Report) -> None:
         report.add("target modules", FAIL, f"could not build the model from its config ({type(e).__name__}: {e})")
         return
     try:
-        check_target_modules(model, cfg.peft)
+        check_adapter_fits(model, cfg.peft)
     except LlamaLoraError as e:
         report.add("target modules", FAIL, str(e))
         return

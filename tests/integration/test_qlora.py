@@ -130,3 +130,54 @@ def test_loftq_trains_end_to_end_and_starts_nearer_the_unquantized_base(qroot, r
     ev = run_cli("eval", str(run), "data.max_eval_examples=4", "eval.max_new_tokens=4", "eval.num_samples=0")
     assert "base nf4-quantized by bitsandbytes as in training" in ev.stderr, ev.stderr[-2000:]
     run_cli("infer", f"run_dir={run}", "Uppercase the word.", "--input", "apple", "infer.max_new_tokens=4")
+
+
+def test_a_qlora_adapter_records_its_quantization_and_plain_peft_reproduces_it(qref):
+    """The adapter folder carries the exact BitsAndBytesConfig it was trained on (a file and a model-card
+    section with the plain-PEFT load); that documented load reproduces llama-lora's model, while the same
+    adapter on a plain NF4 base without double quantization is off by far more."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from llama_lora import runs
+    from llama_lora.config.load import load_config_file
+    from llama_lora.model import QUANT_CONFIG_FILE
+
+    adapter_dir = qref / "adapter"
+    recorded = json.loads((adapter_dir / QUANT_CONFIG_FILE).read_text())
+    assert recorded["bnb_4bit_quant_type"] == "nf4" and recorded["bnb_4bit_use_double_quant"] is True
+    card = (adapter_dir / "README.md").read_text()
+    assert "BitsAndBytesConfig.from_dict(json.load(open(\"adapter/quantization_config.json\")))" in card
+    base_path = RunDir(qref).status()["base_model"]
+
+    cfg = load_config_file(qref / "config.yaml")
+    cfg.infer.run_dir = str(qref)
+    ours = runs.load(cfg).model
+    ids = torch.tensor([[1, 5, 9, 14, 20, 33, 40, 41]])
+
+    def logits(model):
+        with torch.no_grad():
+            return model(ids).logits.float()
+
+    def plain(quant, keep_precision=True):  # the card's recipe, with `quant` as the quantization
+        base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant, device_map={"": "cpu"},
+                                                    dtype=torch.float32)
+        for module in base.modules():
+            if keep_precision and getattr(module, "support_avx512bf16_for_cpu", False):
+                module.support_avx512bf16_for_cpu = False
+        return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+    ref = logits(ours)
+    with ours.disable_adapter():
+        effect = (ref - logits(ours)).abs().max()
+    assert effect > 0
+    recipe = (logits(plain(BitsAndBytesConfig.from_dict(recorded))) - ref).abs().max() / effect
+    bf16_eval = (logits(plain(BitsAndBytesConfig.from_dict(recorded), False)) - ref).abs().max() / effect
+    print(f"without the card's CPU loop: {bf16_eval:.4f}")
+    other = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    wrong = (logits(plain(other)) - ref).abs().max() / effect
+    print(f"plain-PEFT load off by {recipe:.4f} of the adapter's effect with the recorded config, "
+          f"{wrong:.3f} on nf4 without double quantization")
+    assert recipe < 0.005, recipe
+    assert wrong > 20 * max(recipe, 1e-4), (recipe, wrong)

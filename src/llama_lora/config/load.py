@@ -143,7 +143,18 @@ def load_config_file(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise LlamaLoraError(f"No config file at {path}: is this a llama-lora run directory?")
-    return from_dict(yaml.safe_load(path.read_text()) or {})
+    damaged = (f"The run's saved config {path} is damaged ({{}}): it is what infer, eval, merge, serve and export "
+               "read to run the model as it was trained. Restore it from a copy of the run, or train the run again.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LlamaLoraError(damaged.format(" ".join(str(e).split())[:200])) from e
+    if data is not None and not isinstance(data, dict):
+        raise LlamaLoraError(damaged.format(f"it holds a {type(data).__name__}, not a mapping of settings"))
+    try:
+        return from_dict(data or {})
+    except LlamaLoraError as e:
+        raise LlamaLoraError(damaged.format(str(e))) from e
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -97,6 +97,21 @@ class DataConfig(_Strict):
     num_proc: int = Field(1, ge=1, description="Processes for tokenization.")
 
 
+# A run's folder name, and the `.NAME.lock` / `.NAME.tmp-PID` entries made beside it, must fit the file
+# system's 255-byte limit on a name.
+MAX_NAME_BYTES = 230
+
+
+def plain_name(v: str | None) -> str | None:
+    """A run or experiment name: one plain folder name that leaves room for the entries made beside it."""
+    if v is not None and (not v or "/" in v or v in {".", ".."}):
+        raise ValueError("must be a plain directory name (no '/')")
+    if v is not None and len(v.encode()) > MAX_NAME_BYTES:
+        raise ValueError(f"is {len(v.encode())} bytes long; at most {MAX_NAME_BYTES} (file systems allow 255 "
+                         "per name, and its lock and temporary files add to it)")
+    return v
+
+
 class PeftConfig(_Strict):
     method: Literal["lora", "dora"] = Field("lora", description="Adapter type: LoRA or DoRA (weight-decomposed).")
     r: int = Field(16, ge=1, le=4096, description="Adapter rank.")
@@ -320,9 +335,7 @@ class ExperimentConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, v):
-        if v is not None and (not v or "/" in v or v in {".", ".."}):
-            raise ValueError("must be a plain directory name (no '/')")
-        return v
+        return plain_name(v)
 
 
 class Config(_Strict):
@@ -347,18 +360,20 @@ class Config(_Strict):
     @field_validator("run_name")
     @classmethod
     def _plain_name(cls, v):
-        if v is not None and (not v or "/" in v or v in {".", ".."}):
-            raise ValueError("must be a plain directory name (no '/')")
-        return v
+        return plain_name(v)
 
     @model_validator(mode="after")
     def _cross_field(self):
+        if self.data.group_by_length and self.data.packing:
+            raise ValueError(
+                "data.group_by_length=true has no effect with data.packing=true (the default): packed rows have no "
+                "padding to save. Set data.packing=false to group examples by length, or leave "
+                "data.group_by_length out")
         if self.training.debug_nan_at_step is not None and self.training.max_steps > 0:
             if self.training.debug_nan_at_step > self.training.max_steps:
                 raise ValueError("training.debug_nan_at_step is past training.max_steps")
-        # peft.init (issue #15): checks across model/peft. model.quantization is the quantized-base field
-        # (issue #15, part 1); read with getattr so this holds whether or not it exists yet.
-        quantization = getattr(self.model, "quantization", "none") or "none"
+        # peft.init: checks across model/peft.
+        quantization = self.model.quantization
         if self.peft.init == "loftq" and quantization not in ("nf4", "fp4"):
             raise ValueError(
                 "peft.init=loftq initialises the adapter against a 4-bit base's rounding error, so it needs one: "
