@@ -87,7 +87,11 @@ def run_one(base: Config, exp_dir: Path, name: str, overrides: list[str], rows: 
         cfg = compose_run(base, overrides)
         cfg.output_dir, cfg.run_name = str(exp_dir), name
         if run_dir.is_finished() and not cfg.overwrite:
-            _check_same_config(run_dir, cfg)
+            changed = _config_changes(run_dir, cfg)
+            if changed:  # its results stay in the summary, marked as not this configuration's
+                row |= _metrics(run_dir) | {"status": "config changed", "error": changed}
+                log.error("Run %s: %s", name, changed)
+                return row
             row["status"] = "skipped"
             log.info("Run %s: finished earlier, skipped", name)
         else:
@@ -149,18 +153,18 @@ def compose_run(base: Config, overrides: list[str]) -> Config:
     return load_config(overrides, base=base.model_dump(mode="json") | {"runs": {}})
 
 
-def _check_same_config(run_dir: RunDir, cfg: Config) -> None:
-    """A finished run is reused only if it was trained with this very configuration."""
+def _config_changes(run_dir: RunDir, cfg: Config) -> str:
+    """Why a finished run cannot stand for `cfg` ('' when it was trained with this very configuration):
+    a finished run is reused only then; otherwise it is kept, with its results, and not retrained."""
     ignore = NOT_TRAINING
     if cfg.training.auto_batch_size or cfg.training.micro_batch_size == "auto":
         # config.yaml records the split that ran (the planner's, or the number 'auto' stands for)
         ignore += ("training.micro_batch_size", "training.gradient_accumulation_steps")
     diff = config_diff(load_config_file(run_dir.config), cfg, ignore)
-    if diff:
-        raise LlamaLoraError(
-            f"{run_dir.path} holds a finished run trained with another configuration ({'; '.join(diff[:4])}). "
-            "Give this experiment another folder (experiment.name=...), or pass overwrite=true to retrain."
-        )
+    if not diff:
+        return ""
+    return (f"finished earlier with another configuration ({'; '.join(diff[:4])}): its results are shown as they "
+            "were. Give this experiment another folder (experiment.name=...), or pass overwrite=true to retrain.")
 
 
 def _train(cfg: Config) -> None:

@@ -130,7 +130,7 @@ def print_table(summary: dict[str, Any], console: Console | None = None) -> None
         table.add_column(_HEADERS[key], justify="right" if numeric else "left", overflow="fold",
                          no_wrap=numeric or key in ("run", "status"), ratio=2 if key == "error" else None)
     for r in summary["runs"]:
-        style = {"failed": "red", "interrupted": "yellow", "skipped": "dim"}.get(r["status"])
+        style = {"failed": "red", "interrupted": "yellow", "config changed": "yellow", "skipped": "dim"}.get(r["status"])
         cells = [_cell(k, r.get(k)) for k in keys]
         cells[0] += " *" if r["run"] == summary["best"] else " =" if r["run"] in (summary.get("tied") or []) else ""
         table.add_row(*cells, style=style)

@@ -474,6 +474,7 @@ def _prepare_run_dir(cfg: Config, accelerator: Accelerator, held: contextlib.Exi
             # A killed save leaves `.X.tmp-PID` (never complete: removed) or `.X.old-PID` (put back).
             for what in run_dir.prepare_for_training(cfg.overwrite, cfg.training.resume):
                 log.info("Cleaned up after an interrupted save in %s: %s", run_dir.path, what)
+            held.push(_mark_failed_on_error(run_dir))  # runs before the lock is released
         error = None
     except LlamaLoraError as e:
         error = str(e)
@@ -481,6 +482,18 @@ def _prepare_run_dir(cfg: Config, accelerator: Accelerator, held: contextlib.Exi
     if error:
         raise LlamaLoraError(error)
     return run_dir
+
+
+def _mark_failed_on_error(run_dir: RunDir):
+    """An exit callback: when run() ends with an error (a refused setting, a crash), a run.json that still
+    says running says failed, with the error, so no later command takes the run for one in progress."""
+    def on_exit(exc_type, exc, tb) -> bool:
+        if exc is not None and isinstance(exc, Exception) and run_dir.status().get("status") == "running":
+            with contextlib.suppress(Exception):
+                run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}"[:1000])
+        return False  # the error goes on
+
+    return on_exit
 
 
 def _add_file_log(path: Path) -> None:

@@ -167,6 +167,24 @@ def test_rerun_skips_finished_runs_and_redoes_failed_ones(grid):
     assert [r["status"] for r in csv.DictReader(open(exp_dir / "summary.csv"))] == ["skipped", "finished"]
 
 
+@pytest.mark.slow
+def test_rerun_with_a_changed_setting_keeps_the_finished_results(grid):
+    """A finished run trained with other settings is neither retrained nor called failed: the summary keeps
+    its results, with status 'config changed' and what changed."""
+    cfg, _, _, exp_dir = grid
+    lora_metrics = json.loads((exp_dir / "lora" / "metrics.json").read_text())
+    changed = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": 5})})
+    mtime = os.stat(exp_dir / "lora" / "adapter" / "adapter_model.safetensors").st_mtime_ns
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = experiment.run(changed)
+    rows = {r["run"]: r for r in summary["runs"]}
+    assert {n: r["status"] for n, r in rows.items()} == {"lora": "config changed", "dora": "config changed"}
+    assert rows["lora"]["eval_loss"] == lora_metrics["eval_loss"]  # its results stay in the summary
+    assert "training.max_steps" in rows["lora"]["error"] and "overwrite=true" in rows["lora"]["error"]
+    assert os.stat(exp_dir / "lora" / "adapter" / "adapter_model.safetensors").st_mtime_ns == mtime
+    assert "| lora | config changed |" in (exp_dir / "summary.md").read_text()
+
+
 def test_a_sweep_with_an_invalid_run_trains_nothing(tmp_path, tiny_base, small_data):
     """peft.r=0 is invalid: every run's config is checked before any run trains (issue 19, kind 7)."""
     proc = run_cli("experiment", "-m", "peft.r=4,0", *tiny_overrides(tiny_base, small_data, tmp_path),

@@ -178,6 +178,7 @@ def test_a_checkpoint_pickle_cannot_run_code(world, tiny_base, tmp_path, capsys)
     run = world / "out" / "evil_ckpt"
     ckpt = run / "checkpoints" / "step-000002"
     shutil.copytree(world / "out" / "r4_ckpt" / "checkpoints" / "step-000002", ckpt)
+    shutil.copy(world / "out" / "r4_ckpt" / "run.json", run / "run.json")  # a run of llama-lora's, interrupted
     torch.save({"state": Evil()}, ckpt / "optimizer.pt")
     with pytest.raises(SystemExit) as exc:
         cli.main(["train", *[a.format(base=tiny_base, w=world) for a in TRAIN], "run_name=evil_ckpt"])
@@ -187,3 +188,22 @@ def test_a_checkpoint_pickle_cannot_run_code(world, tiny_base, tmp_path, capsys)
     assert not marker.exists()
 
 
+
+
+@pytest.mark.parametrize("module,extra", [("bitsandbytes.nn", "quant"), ("llama_cpp", "llamacpp"),
+                                          ("deepspeed", "deepspeed")])
+def test_a_missing_optional_package_names_its_extra(module, extra, monkeypatch, capsys):
+    """Wherever a command reaches an optional dependency that is not installed, the CLI prints the one
+    pip install line (exit 2, no traceback); any other missing module stays a real error."""
+    def needs_it(args):
+        raise ModuleNotFoundError(f"No module named '{module}'", name=module)
+
+    monkeypatch.setitem(cli._PARSERS, "merge", needs_it)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["merge"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert f"pip install 'llama-lora[{extra}]'" in _paragraph(err)
+    monkeypatch.setitem(cli._PARSERS, "merge", lambda args: __import__("no_such_module_here"))
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["merge"])
