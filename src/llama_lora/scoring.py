@@ -7,6 +7,8 @@ collation and the loss function of training).
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from pathlib import Path
 
@@ -76,19 +78,34 @@ def data_fingerprint(source: str) -> str:
 
 
 @torch.no_grad()
+def loss_sums(model: torch.nn.Module, examples: list[dict], collate, batch_size: int, device,
+              loss_chunk_size: int | None = None, *, rank: int = 0, world: int = 1,
+              autocast=contextlib.nullcontext) -> tuple[float, int]:
+    """(summed response-token loss, response tokens) over `examples`, in eval mode: the one eval-loss loop
+    (train's evaluation and eval's both run it). `loss_chunk_size`: training.loss_chunk_size, or the
+    resolved chunk (the same value either way). With `world` > 1 this process scores every world-th
+    batch; every process runs the same number of forward passes (a spare one repeats batch 0 and is not
+    counted), since under FSDP a forward is a collective and a process that stopped early would hang
+    the rest. Summing across processes is the caller's."""
+    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with autocast():
+        for j in range(rank, math.ceil(len(batches) / world) * world, world):
+            batch = {k: v.to(device) for k, v in collate(batches[j if j < len(batches) else 0]).items()}
+            loss, n = response_loss_sum(model, batch, loss_chunk_size)
+            if j < len(batches):
+                total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total, count
+
+
 def evaluate_loss(model: torch.nn.Module, examples: list[dict], collate, batch_size: int, device,
                   loss_chunk_size: int | None = None) -> dict[str, float]:
     """Mean response-token loss and perplexity over `examples` (`loss_chunk_size`: training.loss_chunk_size,
     as in training: the same value either way, the vocabulary-sized logits chunked or not)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size]).items()}
-        loss, n = response_loss_sum(model, batch, loss_chunk_size)
-        total += float(loss)
-        count += n
-    model.train(was_training)
+    total, count = loss_sums(model, examples, collate, batch_size, device, loss_chunk_size)
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
 

@@ -41,6 +41,7 @@ from llama_lora.errors import LlamaLoraError
 from llama_lora.loss import chunk_positions, response_loss_sum
 from llama_lora.planner import batch_split
 from llama_lora.sampler import StepSampler
+from llama_lora.scoring import loss_sums
 
 log = logging.getLogger("llama_lora.train")
 
@@ -523,26 +524,12 @@ def _configure_deepspeed(accelerator: Accelerator, tc) -> None:
     ds["gradient_clipping"] = tc.max_grad_norm
 
 
-@torch.no_grad()
 def _evaluate_sharded(model, examples, collate, batch_size: int, accelerator: Accelerator,
                       loss_chunk: int = 0) -> float:
-    """Mean response-token loss over `examples`, each process scoring every world-th batch.
-
-    All processes run the same number of forward passes (a spare one repeats batch 0 and is not
-    counted): under FSDP a forward is a collective, and a process that stopped early would hang the rest.
-    """
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with accelerator.autocast():
-        for j in range(rank, math.ceil(len(batches) / world) * world, world):
-            batch = {k: v.to(device) for k, v in collate(batches[j if j < len(batches) else 0]).items()}
-            loss, n = response_loss_sum(model, batch, loss_chunk)
-            if j < len(batches):
-                total, count = total + float(loss), count + n
-    model.train(was_training)
+    """Mean response-token loss over `examples`, each process scoring every world-th batch (scoring's loop)."""
+    world, device = accelerator.num_processes, accelerator.device
+    total, count = loss_sums(model, examples, collate, batch_size, device, loss_chunk, rank=accelerator.process_index,
+                             world=world, autocast=accelerator.autocast)
     if world > 1:
         total, count = accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=device),
                                           reduction="sum").tolist()
