@@ -20,7 +20,7 @@ from llama_lora.data import IGNORE_INDEX
 
 # training.loss_chunk_size=None (auto): chunk from this vocabulary size on, AUTO_CHUNK positions at a
 # time. Below it the logits are small next to the activations and one cross-entropy is simplest.
-# Both figures come from the measurement in benchmarks/README.md, "Chunked loss (issue 15)".
+# Both figures come from the measurement in benchmarks/README.md, "Chunked loss".
 AUTO_MIN_VOCAB = 32_768
 AUTO_CHUNK = 512
 

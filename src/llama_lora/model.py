@@ -456,7 +456,7 @@ def cpu_malloc_mode(model: ModelConfig, precision: str) -> str:
     glibc's own policy: bitsandbytes frees a dequantized fp32 weight per layer per pass, and glibc's mmap
     threshold rises to 32 MiB after the first large free, after which those weights fragment the heap
     (+3.9 GiB at 16 layers). So only a plain fp32 run (no quantized base, no checkpointing) keeps
-    (benchmarks/README.md, "Memory (issue 15)"); the planner counts each mode's heap."""
+    (benchmarks/README.md, "Memory"); the planner counts each mode's heap."""
     plain = precision == "fp32" and model.quantization == "none" and not model.gradient_checkpointing
     return "keep" if plain else "return"
 
@@ -468,7 +468,7 @@ def apply_process_settings(runtime: Runtime) -> None:
     PyTorch's CPU allocator has no cache of its own: a large tensor (logits, activations, their gradients)
     is malloc'ed and freed as it is. "keep" tells glibc never to mmap and never to trim, so those pages stay
     in the heap for the next micro-batch: faster steps for a little more peak RSS (benchmarks/README.md,
-    range S18). "return" fixes glibc's mmap threshold at 128 KiB: left to itself glibc raises it to the size
+    "Memory"). "return" fixes glibc's mmap threshold at 128 KiB: left to itself glibc raises it to the size
     of the largest block freed (up to 32 MiB), after which a quantized base's per-layer dequantized weights
     come from the heap and leave it fragmented. LLAMA_LORA_MALLOC=system|keep|return overrides the choice
     (choose_runtime reads it through Capabilities, so the planner sees the same mode).

@@ -35,7 +35,7 @@ _RUNTIME_OVERHEAD = {"cuda": int(0.75 * GiB), "mps": int(0.5 * GiB), "cpu": int(
 # Caching allocators and fragmentation keep some freed blocks: a share of the tensor total. On CPU that
 # is glibc's heap when it keeps freed memory (malloc "keep", a plain fp32 run) or follows its own policy
 # ("system"): LoRA fp32 on Llama-3.2-1B's shape held 14-22% more than its tensors at 2 and 16 layers, with
-# and without the chunked loss (benchmarks/README.md, "Memory (issue 15)").
+# and without the chunked loss (benchmarks/README.md, "Memory").
 _FRAGMENTATION = {"cuda": 0.08, "mps": 0.10, "cpu": 0.17}
 # A CPU run whose heap returns every large freed block (malloc "return": every run but a plain fp32 one)
 # has no fragmentation share; what RSS held beyond the planned tensors was 0.15-0.33 GiB on the issue-15

@@ -36,7 +36,7 @@ class ModelConfig(_Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward (non-reentrant) to save memory."
     )
-    # ---- quantized bases (issue #15, part 1)
+    # ---- quantized bases
     quantization: Literal["none", "nf4", "fp4", "int8"] = Field(
         "none",
         description="Load the frozen base quantized by bitsandbytes (pip install 'llama-lora[quant]'): nf4/fp4 = "
@@ -119,7 +119,7 @@ class PeftConfig(_Strict):
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0,
         description="Dropout probability on the adapter input. 0 by default, as in PEFT and Unsloth: dropout "
-        "makes a step slower (a mask per adapted layer, no merged step; see benchmarks/README.md, row (i), S11).",
+        "makes a step slower (a mask per adapted layer, no merged step; see benchmarks/README.md).",
     )
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]) or 'all-linear'."
@@ -131,13 +131,13 @@ class PeftConfig(_Strict):
         description="Train through llama-lora's lean LoRA/DoRA step (shared A matmul for q/k/v and "
         "gate/up, DoRA norm from low-rank products without materialising B@A). Same parameters and saved PEFT "
         "files; false uses PEFT's own forward. auto: lean everywhere except LoRA on a GPU, where PEFT's forward "
-        "measured faster (kernel launches bound the step there; see benchmarks/README.md, rows (f)/(h), G4).",
+        "measured faster (kernel launches bound the step there; see benchmarks/README.md).",
     )
     lean_merged: bool | Literal["auto"] = Field(
         "auto",
         description="In the lean step, compute each adapted layer against W + s*B*A, formed once per optimizer "
         "step: the adapter's add into the output and its share of the input gradient leave every micro-batch "
-        "(see benchmarks/README.md, row (j), S12). Costs one copy of the adapted weights in memory "
+        "(see benchmarks/README.md). Costs one copy of the adapted weights in memory "
         "(the planner counts it); applies only in fp32 without dropout (in bf16, W + s*B*A would round the "
         "update away). auto: on CPU.",
     )
@@ -146,10 +146,10 @@ class PeftConfig(_Strict):
         description="In the merged step on CPU, compute the backward's rank-r products (g*B with the B gradient "
         "in one pass over g, and the A gradient) with llama-lora's C kernel (csrc/lowrank.c, compiled "
         "once with the system's gcc into the cache directory) instead of BLAS, which runs such narrow products "
-        "well below its big-matmul rate (see benchmarks/README.md, row (k), S13). "
+        "well below its big-matmul rate (see benchmarks/README.md). "
         "auto: where gcc builds it, BLAS otherwise; true: fail if it cannot be built; false: BLAS.",
     )
-    # ---- peft.init (issue #15, part 5)
+    # ---- peft.init
     init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
         "default",
         description="Adapter initialisation (PEFT's init_lora_weights): default (A Kaiming-uniform, B zero), "
@@ -229,7 +229,7 @@ class TrainingConfig(_Strict):
     debug_nan_at_step: int | None = Field(
         None, ge=1, description="Testing knob: make the loss NaN at this step to exercise the non-finite guard."
     )
-    # ---- chunked loss (issue #15, part 4)
+    # ---- chunked loss
     loss_chunk_size: int | None = Field(
         None, ge=0,
         description="Response positions per chunk of the loss over the vocabulary (lm_head + cross-entropy run "
@@ -392,7 +392,7 @@ class Config(_Strict):
         return self
 
 
-# ---- serve (issue #16): `llama-lora serve` settings, given as flags (--queue-size 8 ...), not Hydra
+# ---- serve: `llama-lora serve` settings, given as flags (--queue-size 8 ...), not Hydra
 # overrides: they belong to the server process, never to a saved run's config.yaml.
 class ServeConfig(_Strict):
     max_batch: int = Field(8, ge=1, le=256, description="Most queued requests of one model generated together.")

@@ -26,12 +26,12 @@ formed once per optimizer step (it only changes when A or B do) and a micro-batc
 
 so the adapter's in-place add into z (a pass over the output), its product gh A and the add of that into
 dx (two passes over the input gradient) leave every micro-batch: a third fewer adapter FLOPs
-(benchmarks/README.md, rows (j) vs (a)). The cost is one copy of each adapted weight in memory (the
+(benchmarks/README.md, the merged step). The cost is one copy of each adapted weight in memory (the
 planner counts it), and only fp32 qualifies: rounded to bf16, W + s B A would lose the update s B A,
 which is far below W's last bit early in training.
 On CPU the backward's rank-r products (gh with dB in one pass over g, and dA) run in native.py's C kernel
 where it builds (peft.lean_kernel): BLAS runs such narrow products well below its big-matmul rate
-(rows (k) vs (a), and the rank-r CPU kernel row of "What changed the CPU step").
+(benchmarks/README.md, "What changed the CPU step").
 
 In the low-rank step everything except the dropout mask and DoRA's scaling is plain differentiable
 torch ops: their backward runs in autograd's C++ engine, which measured faster than the same arithmetic

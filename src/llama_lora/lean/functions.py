@@ -16,7 +16,7 @@ def dropout_keep(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
 
     Four mask entries come from one 64-bit random draw (each a uniform 15-bit lane), which on CPU is
     several times cheaper than bernoulli_ and was the largest single cost a LoRA step adds to the frozen
-    one (benchmarks/README.md, rows (i) vs (a)).
+    one (benchmarks/README.md, dropout).
     """
     k = round(p * 32768)
     n = x.numel()

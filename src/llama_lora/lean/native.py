@@ -4,9 +4,9 @@ otherwise.
 Why hand-written: with the merged step (llama_lora.lean) what a LoRA step adds to the frozen model's is
 four products per layer whose one side is only r wide (h = x A^T, gh = s g B, dB = s g^T h, dA = gh^T x).
 Through MKL they run far below the rate of the step's big matmuls; the kernel runs them near that rate
-and computes gh and dB in one pass over g (benchmarks/README.md, "What changed the CPU step", the rank-r
-CPU kernel row, and rows (k) vs (a)). The step leaves h = x A^T to BLAS, which was faster there in place
-(`proj` alone measured faster only on warm operands; the same row).
+and computes gh and dB in one pass over g (benchmarks/README.md, "What changed the CPU step").
+The step leaves h = x A^T to BLAS, which was faster there in place (`proj` alone measured faster only on
+warm operands).
 
 The C file is compiled once per machine with the system's gcc (-O3 -march=native -fopenmp: it joins
 torch's own OpenMP runtime, libgomp, and its thread count) into `<cache>/native/`, keyed by the source,

@@ -62,9 +62,9 @@ def decide(peft_cfg, device: str, precision: str, sharded: bool = False, quantiz
 
     peft.lean=auto: the lean step on CPU, and for DoRA everywhere; PEFT's forward for LoRA on a GPU, where
     a step is bound by kernel launches and Python and the lean step's Python backward measured slower
-    (benchmarks/README.md, rows (f) vs (a), CPU and H100 tables).
+    (benchmarks/README.md, the CPU and H100 tables).
     peft.lean_merged=auto: on CPU, where a step is bound by memory traffic and the merged step removes three
-    passes over activations per layer (rows (j) vs (a)); on a GPU, where training runs in bf16 anyway, an
+    passes over activations per layer (benchmarks/README.md); on a GPU, where training runs in bf16 anyway, an
     fp32 run keeps the low-rank lean step (not measured there). It takes effect only in fp32 without
     dropout: rounded to bf16, W + s B A would lose the update s B A.
     peft.lean_kernel: the CPU kernel of native.py where it builds (auto) or must (true: an error names why
