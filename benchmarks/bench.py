@@ -196,12 +196,13 @@ def llama_lora_cfg(model_dir: Path, adapter: str, overrides: dict | None = None)
 
 def llama_lora_setup(cfg, frozen: bool = False):
     """Model, params and optimizer exactly as train.py sets them up (no Accelerator: one CPU process)."""
-    from llama_lora import data as data_lib, lean, model as model_lib
+    from llama_lora import data as data_lib, model as model_lib
     from llama_lora.adapter import apply_adapter
     from llama_lora.attention import use_varlen_attention
 
-    runtime = model_lib.choose_runtime(cfg.training, cfg.model, model_lib.probe_capabilities())
-    runtime = dataclasses.replace(runtime, lean=lean.decide(cfg.peft, runtime.device, runtime.precision))
+    from llama_lora.plan import plan_run
+
+    runtime = plan_run(cfg, model_lib.probe_capabilities()).runtime  # train.py's plan, one unsharded process
     model_lib.apply_process_settings(runtime)  # as train.py: process-wide, so (b) and (c) get it too
     torch.manual_seed(cfg.training.seed)
     model = model_lib.load_model(cfg.model.name_or_path, cfg.model, runtime, training=True)

@@ -106,13 +106,12 @@ class _PeakRss:
 
 def _setup(name: str, model_dir: Path):
     """The row's config and runtime (lean policy decided as train.py does), the batch and the plan."""
-    import dataclasses
-
     from transformers import AutoConfig
 
-    from llama_lora import lean, model as model_lib
+    from llama_lora import model as model_lib
     from llama_lora.config.load import load_config
     from llama_lora.data import IGNORE_INDEX, collate_packed
+    from llama_lora.plan import plan_run
     from llama_lora.planner import plan_memory
 
     import torch
@@ -123,9 +122,8 @@ def _setup(name: str, model_dir: Path):
                        f"model.gradient_checkpointing={str(row['gc']).lower()}",
                        f"training.loss_chunk_size={row['chunk']}", "training.device=cpu",
                        f"training.micro_batch_size={MICRO}", f"data.max_seq_length={SEQ}", "data.packing=true"])
-    runtime = model_lib.choose_runtime(cfg.training, cfg.model, model_lib.probe_capabilities())
-    runtime = dataclasses.replace(runtime, lean=lean.decide(cfg.peft, "cpu", runtime.precision,
-                                                            quantization=cfg.model.quantization))
+    run_plan = plan_run(cfg, model_lib.probe_capabilities())  # train.py's plan, one unsharded process
+    runtime = run_plan.runtime
     g = torch.Generator().manual_seed(0)
     examples = []
     for _ in range(MICRO):
@@ -133,8 +131,8 @@ def _setup(name: str, model_dir: Path):
         examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * PROMPT + ids[PROMPT:]})
     batch = collate_packed(examples)
     response = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    plan = plan_memory(cfg, AutoConfig.from_pretrained(model_dir), "cpu", MICRO, tokens_per_micro_batch=MICRO * SEQ,
-                       rows_per_micro_batch=1, loss_tokens_per_micro_batch=response, lean=runtime.lean)
+    plan = plan_memory(cfg, AutoConfig.from_pretrained(model_dir), run_plan, MICRO, tokens_per_micro_batch=MICRO * SEQ,
+                       rows_per_micro_batch=1, loss_tokens_per_micro_batch=response)
     return cfg, runtime, batch, plan
 
 

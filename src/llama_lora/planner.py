@@ -24,9 +24,11 @@ from transformers import PretrainedConfig
 
 from llama_lora.config.schema import Config
 
+from llama_lora.loss import AUTO_MIN_VOCAB
+from llama_lora.plan import RunPlan, plan_for_device
+
 if TYPE_CHECKING:
     from llama_lora.lean import LeanPolicy
-    from llama_lora.model import Runtime
 
 GiB = 2**30
 # Framework baseline that is not tensors: the CUDA context + allocator reserve, or on CPU the Python
@@ -153,30 +155,6 @@ def _targets(cfg: Config, linears: tuple[_Linear, ...]) -> list[_Linear]:
     return [m for m in linears if m.name.rsplit(".", 1)[-1] in names]
 
 
-def _runtime(cfg: Config, device: str) -> Runtime:
-    """The runtime choose_runtime would pick on `device` (this host's malloc, LLAMA_LORA_MALLOC included)."""
-    from llama_lora.model import Capabilities, choose_runtime, has_glibc, malloc_override
-
-    caps = Capabilities(cuda=device == "cuda", cuda_device_count=int(device == "cuda"), cuda_bf16=device == "cuda",
-                        cuda_capability=(8, 0) if device == "cuda" else (0, 0), mps=device == "mps",
-                        glibc=has_glibc(), malloc_override=malloc_override(),
-                        bitsandbytes=True)  # a plan needs no install; train and validate check it
-    return choose_runtime(cfg.training.model_copy(update={"device": device}), cfg.model, caps)
-
-
-def _decide(cfg: Config, device: str, precision: str | None = None) -> LeanPolicy:
-    """The lean-step policy for a caller that passed none (validate, the benchmark, tests): decided as
-    train.py decides it for one unsharded process. The kernel does not change memory, so it is left
-    out of this decision (no build, and no error for peft.lean_kernel=true: train and validate report that)."""
-    from llama_lora.lean import decide
-
-    device = "cuda" if device.startswith("cuda") else device
-    if precision is None:
-        precision = _runtime(cfg, device).precision
-    return decide(cfg.peft.model_copy(update={"lean_kernel": False}), device, precision,
-                  quantization=cfg.model.quantization)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Device memory.
 
@@ -199,10 +177,15 @@ def available_memory(cfg: Config, device: str) -> int | None:
 # The plan.
 
 
+def _as_plan(cfg: Config, plan: RunPlan | str, lean: LeanPolicy | None) -> RunPlan:
+    """The run's plan, or one for a device name (plan.plan_for_device: where the run is not)."""
+    return plan_for_device(cfg, plan, lean) if isinstance(plan, str) else plan
+
+
 def plan_memory(
     cfg: Config,
     model_config: PretrainedConfig,
-    device: str,
+    plan: RunPlan | str,
     micro_batch_size: int | None = None,
     *,
     tokens_per_micro_batch: int | None = None,
@@ -210,14 +193,15 @@ def plan_memory(
     loss_tokens_per_micro_batch: int | None = None,
     lean: LeanPolicy | None = None,
 ) -> MemoryPlan:
-    """Predicted peak memory of training `cfg` on `device` ('cpu', 'cuda' or 'mps').
+    """Predicted peak memory of training `cfg` as `plan` runs it (the run's RunPlan; or a device name,
+    'cpu', 'cuda' or 'mps', for a typical machine with it, then `lean` may replace its step policy).
 
     Without token counts the worst case is planned: every example at data.max_seq_length. train.py
     passes the real worst micro-batch of the tokenized data instead (its longest examples), and the
     benchmark the measured batch. `rows_per_micro_batch` is 1 with packing (one concatenated row).
-    `lean`: the run's lean-step policy (Runtime.lean); None: decided here as train.py would unsharded.
     """
-    device = "cuda" if device.startswith("cuda") else device
+    plan = _as_plan(cfg, plan, lean)
+    device, rt, lean = plan.device, plan.runtime, plan.lean
     micro = micro_batch_size or cfg.training.base_micro_batch_size
     seq = cfg.data.max_seq_length
     T = tokens_per_micro_batch if tokens_per_micro_batch is not None else micro * seq
@@ -225,11 +209,8 @@ def plan_memory(
     # Positions that go through lm_head (logits_to_keep): without data, assume all but the prompt's
     # first token; callers with data pass the response-token count.
     K = loss_tokens_per_micro_batch if loss_tokens_per_micro_batch is not None else T
-    rt = _runtime(cfg, device)
     # bytes per element: frozen weights in their dtype, activations in the compute precision
     w_bytes, s, precision = rt.model_dtype.itemsize, 4 if rt.precision == "fp32" else 2, rt.precision
-    if lean is None:
-        lean = _decide(cfg, device, precision)
 
     mc = model_config
     total_params, linears = _model_shapes(type(mc), mc.to_json_string(use_diff=False))
@@ -305,9 +286,7 @@ def plan_memory(
 
     # ---- loss over the vocabulary: the log-softmax (kept for backward), its gradient and the logits'
     # gradient are alive together at the start of backward; bf16/fp16 logits are upcast first.
-    from llama_lora.loss import AUTO_MIN_VOCAB, chunk_positions
-
-    loss_chunk = chunk_positions(cfg.training.loss_chunk_size, vocab)
+    loss_chunk = plan.loss_chunk(vocab)
     if loss_chunk:
         # Chunked (loss.py): one chunk's logits at a time (one fp32 buffer, turned into the softmax gradient
         # in place; with bf16/fp16 also the gradient's cast for the matmul), plus the response positions'
@@ -376,26 +355,25 @@ def plan_memory(
     )
 
 
-def largest_micro_batch(cfg: Config, model_config: PretrainedConfig, device: str, lengths: list[int] | None = None,
-                        upper: int | None = None, lean: LeanPolicy | None = None) -> tuple[int, MemoryPlan]:
+def largest_micro_batch(cfg: Config, model_config: PretrainedConfig, run_plan: RunPlan | str,
+                        lengths: list[int] | None = None, upper: int | None = None,
+                        lean: LeanPolicy | None = None) -> tuple[int, MemoryPlan]:
     """The largest micro-batch (1..upper) whose planned peak fits, and its plan.
 
     `lengths` are the tokenized example lengths: a micro-batch of b is planned at the b longest (its
     worst case). Raises nothing: if even 1 does not fit, (1, plan) comes back with plan.fits False.
-    `lean` as for plan_memory.
+    `run_plan` and `lean` as for plan_memory.
     """
     upper = upper or cfg.training.base_micro_batch_size * cfg.training.gradient_accumulation_steps
     longest = sorted(lengths or [], reverse=True)
-    if lean is None:
-        lean = _decide(cfg, device)
+    run_plan = _as_plan(cfg, run_plan, lean)
 
     def plan(b: int) -> MemoryPlan:
         if not longest:
-            return plan_memory(cfg, model_config, device, b, lean=lean)
+            return plan_memory(cfg, model_config, run_plan, b)
         tokens = sum(longest[:b]) if cfg.data.packing else b * longest[0]
-        return plan_memory(cfg, model_config, device, b, tokens_per_micro_batch=tokens,
-                           rows_per_micro_batch=1 if cfg.data.packing else b, loss_tokens_per_micro_batch=tokens,
-                           lean=lean)
+        return plan_memory(cfg, model_config, run_plan, b, tokens_per_micro_batch=tokens,
+                           rows_per_micro_batch=1 if cfg.data.packing else b, loss_tokens_per_micro_batch=tokens)
 
     best, best_plan = 1, plan(1)
     if not best_plan.fits:
@@ -411,36 +389,35 @@ def largest_micro_batch(cfg: Config, model_config: PretrainedConfig, device: str
     return best, best_plan
 
 
-def auto_batch_size(cfg: Config, model_config: PretrainedConfig, device: str,
+def auto_batch_size(cfg: Config, model_config: PretrainedConfig, run_plan: RunPlan | str,
                     lengths: list[int], lean: LeanPolicy | None = None) -> tuple[int, int, MemoryPlan]:
     """(micro_batch_size, gradient_accumulation_steps, plan) for training.auto_batch_size.
 
     The global batch the user configured (micro x accumulation) is kept: the micro-batch becomes its
     largest divisor whose planned peak fits the budget, and accumulation makes up the rest. The examples
-    of each optimizer step stay the same, only their split into forward passes changes. `lean`: the
-    run's lean-step policy (Runtime.lean); None: decided here once, as train.py would unsharded.
+    of each optimizer step stay the same, only their split into forward passes changes. `run_plan` and
+    `lean` as for plan_memory.
     """
     from llama_lora.errors import LlamaLoraError
 
     tc = cfg.training
     global_batch = tc.base_micro_batch_size * tc.gradient_accumulation_steps
-    if lean is None:
-        lean = _decide(cfg, device)
-    fit, plan = largest_micro_batch(cfg, model_config, device, lengths, upper=global_batch, lean=lean)
+    run_plan = _as_plan(cfg, run_plan, lean)
+    fit, plan = largest_micro_batch(cfg, model_config, run_plan, lengths, upper=global_batch)
     if not plan.fits:
         raise LlamaLoraError(
             f"Even a micro-batch of 1 is predicted to need {_fmt(plan.total_bytes)}, more than the "
-            f"{_fmt(plan.available_bytes or 0)} available ({device}). Lower data.max_seq_length, turn on "
+            f"{_fmt(plan.available_bytes or 0)} available ({run_plan.device}). Lower data.max_seq_length, turn on "
             "model.gradient_checkpointing=true, use a smaller model, or raise training.memory_budget_gb "
             "if the budget is too strict.\n" + plan.report()
         )
     micro = max(d for d in range(1, fit + 1) if global_batch % d == 0)
     if micro != fit:
-        _, plan = largest_micro_batch(cfg, model_config, device, lengths, upper=micro, lean=lean)
+        _, plan = largest_micro_batch(cfg, model_config, run_plan, lengths, upper=micro)
     return micro, global_batch // micro, plan
 
 
-def batch_split(cfg: Config, model_config: PretrainedConfig, device: str, lengths: list[int],
+def batch_split(cfg: Config, model_config: PretrainedConfig, run_plan: RunPlan | str, lengths: list[int],
                 lean: LeanPolicy | None = None) -> tuple[Config, str | None]:
     """The config that trains, with training.micro_batch_size resolved to a number, and the log line
     saying how (None when nothing was chosen).
@@ -450,12 +427,13 @@ def batch_split(cfg: Config, model_config: PretrainedConfig, device: str, length
     DEFAULT_MICRO_BATCH). train.py saves what this returns as the run's config.yaml.
     """
     tc = cfg.training
-    if not tc.planner_sizes_batch(device):
+    run_plan = _as_plan(cfg, run_plan, lean)
+    if not tc.planner_sizes_batch(run_plan.device):
         if tc.micro_batch_size != "auto":
             return cfg, None
         micro, accum, line = tc.base_micro_batch_size, tc.gradient_accumulation_steps, None
     else:
-        micro, accum, plan = auto_batch_size(cfg, model_config, device, lengths, lean=lean)
+        micro, accum, plan = auto_batch_size(cfg, model_config, run_plan, lengths)
         why = "training.auto_batch_size" if tc.auto_batch_size else "training.micro_batch_size=auto on CUDA"
         budget = f"{plan.available_bytes / 2**30:.2f} GiB" if plan.available_bytes else "unknown"
         line = (f"{why}: micro-batch {micro} x {accum} accumulation (configured {tc.base_micro_batch_size} x "

@@ -30,15 +30,16 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, bro
 from tqdm.auto import tqdm
 from transformers import AutoConfig, get_scheduler
 
-from llama_lora import artifacts, checkpoint, data as data_lib, lean, model as model_lib, tracking
-from llama_lora.adapter import MUTATES_BASE, apply_adapter, count_parameters, initial_adapter_state, save_adapter
+from llama_lora import artifacts, checkpoint, data as data_lib, model as model_lib, tracking
+from llama_lora.adapter import apply_adapter, count_parameters, initial_adapter_state, save_adapter
 from llama_lora.artifacts import RunDir
 from llama_lora.attention import VARLEN_ATTENTION, use_varlen_attention
 from llama_lora.checkpoint import TrainState
 from llama_lora.config.load import to_yaml
 from llama_lora.config.schema import Config
 from llama_lora.errors import LlamaLoraError
-from llama_lora.loss import chunk_positions, response_loss_sum
+from llama_lora.loss import response_loss_sum
+from llama_lora.plan import plan_run, sharded_launch
 from llama_lora.planner import batch_split
 from llama_lora.sampler import StepSampler
 from llama_lora.scoring import loss_sums
@@ -118,24 +119,21 @@ class Session:
 
 def setup(cfg: Config, held: contextlib.ExitStack) -> Session:
     tc = cfg.training
-    runtime = model_lib.choose_runtime(tc, cfg.model, model_lib.probe_capabilities())
+    # The run's plan, decided once before anything is written (peft.lean_kernel=true that cannot build
+    # fails here): the Accelerator, the model, the planner and the log all read it.
+    plan = plan_run(cfg, model_lib.probe_capabilities(), sharded_launch())
+    runtime = plan.runtime
     accelerator = Accelerator(
         cpu=runtime.device == "cpu",
         mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[runtime.precision],
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    # Decided once, before anything is written (peft.lean_kernel=true that cannot build fails here);
-    # the adapter, the planner and the log all read this decision.
-    model_lib.check_sharding(cfg.model.quantization, sharded)  # FSDP/DeepSpeed + a bitsandbytes base: refused
-    runtime = dataclasses.replace(runtime, lean=lean.decide(cfg.peft, runtime.device, runtime.precision, sharded,
-                                                            cfg.model.quantization))
-    if sharded and cfg.peft.init in MUTATES_BASE:
+    if sharded != plan.sharded:  # the launcher's variables and the Accelerator disagree: never guess
         raise LlamaLoraError(
-            f"peft.init={cfg.peft.init} is not supported under FSDP/DeepSpeed: it rewrites the base weights, and "
-            "converting the saved adapter back to a plain LoRA needs the whole adapter on one process. Train it "
-            "with DDP or one process, or use peft.init=default / gaussian."
-        )
+            f"The launch {'shards' if sharded else 'does not shard'} the model, but its environment said "
+            f"otherwise (ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED). Launch with `accelerate launch "
+            "--config_file ...` (docs/distributed.md), or unset those variables.")
     _configure_rank_logging(accelerator)
 
     # A finished run is never silently overwritten; an unfinished one is resumed.
@@ -170,7 +168,7 @@ def setup(cfg: Config, held: contextlib.ExitStack) -> Session:
     # Decided once: the loss over the vocabulary in chunks (loss.py). Sharded runs keep one cross-entropy:
     # the chunks read lm_head's weight outside its module's forward, which FSDP/DeepSpeed only gather inside.
     vocab = model.get_base_model().get_output_embeddings().out_features
-    loss_chunk = 0 if sharded else chunk_positions(cfg.training.loss_chunk_size, vocab)
+    loss_chunk = plan.loss_chunk(vocab)
     log.info("Loss over the %s-token vocabulary: %s.", f"{vocab:,}",
              f"chunks of {loss_chunk} response positions" if loss_chunk else
              "one cross-entropy" + (" (FSDP/DeepSpeed)" if sharded and cfg.training.loss_chunk_size != 0 else ""))
@@ -179,8 +177,7 @@ def setup(cfg: Config, held: contextlib.ExitStack) -> Session:
     trainable, total = count_parameters(model)
 
     # The batch split that runs (on CUDA by default the planner's micro-batch): what config.yaml records.
-    cfg, chosen = batch_split(cfg, model.get_base_model().config, runtime.device,
-                              [len(e["input_ids"]) for e in train_examples], lean=runtime.lean)
+    cfg, chosen = batch_split(cfg, model.get_base_model().config, plan, [len(e["input_ids"]) for e in train_examples])
     if chosen:
         log.info(chosen)
     tc = cfg.training

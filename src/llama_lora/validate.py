@@ -25,6 +25,8 @@ from rich.text import Text
 from llama_lora import data as data_lib, model as model_lib
 from llama_lora.config.schema import EMBEDDED, Config
 from llama_lora.errors import LlamaLoraError
+from llama_lora.plan import PlanError, RunPlan, plan_run, sharded_launch
+from llama_lora.planner import batch_split, plan_memory
 
 log = logging.getLogger("llama_lora.validate")
 
@@ -63,13 +65,16 @@ def check(cfg: Config) -> Report:
     report = Report()
     report.add("config", OK, f"schema valid (preset {cfg.preset}, {cfg.peft.method} r={cfg.peft.r}, "
                              f"data {cfg.data.source})")
-    try:
-        runtime = model_lib.choose_runtime(cfg.training, cfg.model, model_lib.probe_capabilities())
-        report.add("device", OK, runtime.reason)
-    except LlamaLoraError as e:
-        runtime = None
-        report.add("device", FAIL, str(e))
-    lean_policy = _check_lean(cfg, runtime, report) if runtime is not None else None
+    try:  # the plan train would run (plan.plan_run), reported part by part
+        plan = plan_run(cfg, model_lib.probe_capabilities(), sharded_launch())
+    except PlanError as e:
+        plan = None
+        report.add(e.part, FAIL, str(e))
+        if e.part == "device":
+            report.add("training step", SKIP, "needs the device (see above)")
+    if plan is not None:
+        report.add("device", OK, plan.runtime.reason)
+        _report_step(cfg, plan, report)
 
     model_path, model_config = _check_model(cfg, report)
     tokenizer = _check_tokenizer(cfg, model_path, report) if model_config is not None else None
@@ -79,8 +84,8 @@ def check(cfg: Config) -> Report:
         except LlamaLoraError as e:
             report.add("sequence length", FAIL, str(e))
         _check_target_modules(cfg, model_config, report)
-        if runtime is not None:
-            _check_memory(cfg, model_config, runtime.device, report, lean_policy)
+        if plan is not None:
+            _check_memory(cfg, model_config, plan, report)
     else:
         for name in ("tokenizer", "target modules", "memory"):
             report.add(name, SKIP, "needs the model (see above)")
@@ -193,35 +198,21 @@ def _check_target_modules(cfg: Config, model_config, report: Report) -> None:
                                      f": {', '.join(names)}")
 
 
-def _check_lean(cfg: Config, runtime, report: Report):
-    """What the training step will run: the policy train.py decides (one unsharded process)."""
-    from llama_lora import lean
-
-    try:
-        policy = lean.decide(cfg.peft, runtime.device, runtime.precision, quantization=cfg.model.quantization)
-    except LlamaLoraError as e:
-        report.add("training step", FAIL, str(e))
-        return None
-    report.add("training step", OK, policy.describe())
+def _report_step(cfg: Config, plan: RunPlan, report: Report) -> None:
+    """What the training step will run, as the plan decided it."""
+    report.add("training step", OK, plan.lean.describe())
     if cfg.model.quantization != "none":  # the device check above already refused MPS / no bitsandbytes
-        report.add("quantization", OK, model_lib.describe_quantization(cfg.model.quantization, runtime.precision)
+        report.add("quantization", OK, model_lib.describe_quantization(cfg.model.quantization, plan.runtime.precision)
                    + "; the memory plan counts the packed weights and their block statistics; FSDP/DeepSpeed "
                    "are refused with it (DDP works)")
-    return policy
 
 
-def _check_memory(cfg: Config, model_config, device: str, report: Report, lean=None) -> None:
-    try:
-        from llama_lora.planner import plan_memory
-    except ImportError:
-        report.add("memory", WARN, "the memory planner (llama_lora.planner) is not available in this install")
-        return
+def _check_memory(cfg: Config, model_config, run_plan: RunPlan, report: Report) -> None:
+    device = run_plan.device
     chosen = ""
     if cfg.training.planner_sizes_batch(device):  # as train.py: the planner picks the micro-batch
-        from llama_lora.planner import batch_split
-
         try:
-            run_cfg, _ = batch_split(cfg, model_config, device, [], lean=lean)
+            run_cfg, _ = batch_split(cfg, model_config, run_plan, [])
         except LlamaLoraError as e:
             report.add("memory", FAIL, str(e).splitlines()[0])
             return
@@ -229,7 +220,7 @@ def _check_memory(cfg: Config, model_config, device: str, report: Report, lean=N
         chosen = f"; the planner picks micro-batch {micro} x {run_cfg.training.gradient_accumulation_steps} accumulation"
     else:
         micro = cfg.training.base_micro_batch_size
-    plan = plan_memory(cfg, model_config, device, micro, lean=lean)
+    plan = plan_memory(cfg, model_config, run_plan, micro)
     report.memory = plan.report()
     gib = 2**30
     if plan.available_bytes is None:

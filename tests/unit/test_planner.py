@@ -204,3 +204,38 @@ def test_micro_batch_size_accepts_a_number_or_auto_only():
     for bad in ("training.micro_batch_size=0", "training.micro_batch_size=max"):
         with pytest.raises(LlamaLoraError, match="training.micro_batch_size"):
             load_config([bad])
+
+
+def test_one_plan_decides_the_run_and_the_planner_reads_it():
+    """plan.plan_run decides runtime, step policy and loss chunking once; the planner sums memory of exactly
+    that plan (a bf16 plan halves the activations), and a sharded plan keeps one cross-entropy and PEFT's
+    forward. The runtime is chosen nowhere else in the package but for inference (runs.inference_runtime)."""
+    import re
+    from pathlib import Path
+
+    from llama_lora.model import Capabilities
+    from llama_lora.plan import PlanError, plan_for_device, plan_run
+
+    cpu = Capabilities(glibc=True)
+    fp32 = plan_run(_cfg(), cpu)
+    bf16 = plan_run(_cfg(training={"precision": "bf16"}), cpu)
+    assert fp32.lean.lean and fp32.loss_chunk(128256) > 0 and fp32.runtime.malloc == "keep"
+    same = plan_memory(_cfg(), LLAMA_32_1B, fp32, 4, tokens_per_micro_batch=1024)
+    assert same.breakdown == plan_memory(_cfg(), LLAMA_32_1B, "cpu", 4, tokens_per_micro_batch=1024).breakdown
+    half = plan_memory(_cfg(training={"precision": "bf16"}), LLAMA_32_1B, bf16, 4, tokens_per_micro_batch=1024)
+    assert half.breakdown["activations"] * 2 == pytest.approx(same.breakdown["activations"], rel=0.05)
+    sharded = plan_run(_cfg(training={"device": "cuda"}), Capabilities(cuda=True, cuda_device_count=2, cuda_bf16=True,
+                                                                       cuda_capability=(9, 0)), sharded=True)
+    assert sharded.loss_chunk(128256) == 0 and not sharded.lean.lean
+    with pytest.raises(PlanError) as e:
+        plan_run(_cfg(model={"name_or_path": "x", "quantization": "nf4"}), cpu, sharded=True)
+    assert e.value.part == "device" and "FSDP or DeepSpeed" in str(e.value)
+    with pytest.raises(PlanError) as e:
+        plan_run(_cfg(peft={"init": "pissa"}), cpu, sharded=True)
+    assert e.value.part == "training step"
+    assert plan_for_device(_cfg(), "cuda").runtime.precision == "bf16"
+
+    src = Path(__file__).resolve().parents[2] / "src" / "llama_lora"
+    callers = sorted(str(p.relative_to(src)) for p in src.rglob("*.py") if "_vendor" not in p.parts
+                     and re.search(r"\bchoose_runtime\(", p.read_text()) and p.name != "model.py")
+    assert callers == ["plan.py", "runs.py"], callers
