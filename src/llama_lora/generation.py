@@ -73,9 +73,10 @@ def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, stream
              stopping_criteria=None) -> list[str]:
     """Answers to already-formatted prompts, batched with left padding (so every row ends at its prompt).
     `stopping_criteria` (a StoppingCriteriaList) lets serve stop single rows (per-request limits, cancels)."""
-    tokenizer.padding_side = "left"
-    # The prompts carry their own special tokens (bos from the template), exactly as in training.
-    enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
+    # The prompts carry their own special tokens (bos from the template), exactly as in training. Left
+    # padding is asked for per call: the tokenizer object is shared (serve, eval) and stays as it is.
+    enc = tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left",
+                    return_tensors="pt").to(model.device)
     out = model.generate(**enc, generation_config=gen, streamer=streamer, stopping_criteria=stopping_criteria)
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
