@@ -111,8 +111,9 @@ def apply_adapter(model: PreTrainedModel, cfg: PeftConfig, lean: LeanPolicy | No
     if lean is not None:
         n = lean_lib.attach(peft_model, lean) if lean.lean else 0
         log.info("Training step: %s%s.", lean.describe(), f"; {n} adapted layers run it" if lean.lean else "")
-    # Every step, lean or PEFT's: the MLP keeps gate and up for the backward, not silu(gate) too (same
-    # outputs and gradients; the planner counts two intermediates per layer).
+    # Every step, lean or PEFT's: each MLP is replaced by a LeanSwiGLU holding its very modules, which keeps
+    # gate and up for the backward, not silu(gate) too (same outputs, gradients and state_dict keys; the
+    # planner counts two intermediates per layer).
     from llama_lora.lean.swiglu import use_lean_swiglu
 
     use_lean_swiglu(peft_model)

@@ -1,24 +1,31 @@
 """Padding-free packing: the loss of a packed batch equals the padded batch's, with SDPA's block mask and
-with llama-lora's per-example (varlen) attention; length-grouped batching is deterministic and pads less."""
+with llama-lora's per-example (varlen) attention; length-grouped batching is deterministic and pads less.
+The varlen tests also check that the varlen path ran: transformers dispatches to llama-lora's
+varlen_attention, and attention is computed over each example alone, not over the packed row."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from llama_lora.attention import use_varlen_attention
+from llama_lora.attention import VARLEN_ATTENTION, use_varlen_attention, varlen_attention
 from llama_lora.data import IGNORE_INDEX, collate_packed, collate_padded
 from llama_lora.loss import response_loss_sum
 from llama_lora.sampler import StepSampler
 
 
+N_LAYERS = 2
+
+
 def _model(attn="sdpa"):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32).eval()
     model.config.use_cache = False
@@ -45,6 +52,22 @@ def _separate_loss(model, examples):
     return total, count
 
 
+@contextlib.contextmanager
+def _attention_calls(model, varlen: bool):
+    """Checks that transformers dispatches `model`'s attention to varlen_attention (or not), and yields
+    the (batch, query length) of every scaled_dot_product_attention call made meanwhile: the varlen path
+    on CPU makes one per packed example and layer, over that example's tokens only; SDPA, with a mask or
+    as varlen_attention's fallback for padded batches, one per layer over the whole row."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = model.config._attn_implementation
+    assert (impl == VARLEN_ATTENTION and ALL_ATTENTION_FUNCTIONS[impl] is varlen_attention) == varlen, impl
+    with mock.patch.object(F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention) as sdpa:
+        calls = []
+        yield calls
+        calls.extend(tuple(c.args[0].shape[::2]) for c in sdpa.call_args_list)
+
+
 @pytest.mark.parametrize("varlen", [False, True], ids=["sdpa-block-mask", "varlen"])
 @torch.no_grad()
 def test_packed_loss_equals_padded_and_separate_loss(varlen):
@@ -64,10 +87,13 @@ def test_packed_loss_equals_padded_and_separate_loss(varlen):
 @torch.no_grad()
 def test_varlen_attention_logits_match_separate_passes():
     model = _model()
-    use_varlen_attention(model)
-    examples = _examples([12, 3, 20])
+    assert use_varlen_attention(model)
+    lengths = [12, 3, 20]
+    examples = _examples(lengths)
     batch = collate_packed(examples)
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+    with _attention_calls(model, varlen=True) as calls:
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+    assert calls == [(1, length) for length in lengths] * N_LAYERS  # each example attended alone, in every layer
     start = 0
     for e in examples:
         n = len(e["input_ids"])
@@ -76,19 +102,25 @@ def test_varlen_attention_logits_match_separate_passes():
         start += n
     # A padded batch (attention mask given) still goes through SDPA with its mask, and agrees too.
     padded = collate_padded(examples, pad_id=0)
-    out = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], use_cache=False).logits
+    with _attention_calls(model, varlen=True) as calls:
+        out = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], use_cache=False).logits
+    assert calls == [(len(lengths), max(lengths))] * N_LAYERS
     torch.testing.assert_close(out[1, :3], logits[12:15], atol=1e-5, rtol=1e-5)
 
 
 def test_varlen_gradients_match_block_mask():
-    """Training goes through backward: the gradients of both attention paths agree too."""
+    """Training goes through backward: the gradients of both attention paths agree too, and each path is
+    the one that ran (one whole-row SDPA per layer with the block mask, one per example with varlen)."""
+    lengths = [7, 15, 11]
     grads = []
     for varlen in (False, True):
         model = _model()
         if varlen:
-            use_varlen_attention(model)
+            assert use_varlen_attention(model)
         model.train()
-        loss, n = response_loss_sum(model, collate_packed(_examples([7, 15, 11])))
+        with _attention_calls(model, varlen) as calls:
+            loss, n = response_loss_sum(model, collate_packed(_examples(lengths)))
+        assert calls == ([(1, length) for length in lengths] if varlen else [(1, sum(lengths))]) * N_LAYERS
         (loss / n).backward()
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
