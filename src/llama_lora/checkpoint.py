@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from llama_lora import artifacts
 from llama_lora.artifacts import RunDir
 from llama_lora.config.load import config_diff, load_config_file
+from llama_lora.config.schema import RESUME_MAY_CHANGE
 from llama_lora.errors import LlamaLoraError
 
 log = logging.getLogger(__name__)
@@ -69,25 +70,6 @@ def training_inputs(examples: list[dict], global_batch: int, precision: str) -> 
         h.update(len(ids).to_bytes(8, "little") + ids.tobytes() + labels.tobytes())
     return {"training data": f"{len(examples)} tokenized examples, sha256:{h.hexdigest()[:16]}",
             "global batch": global_batch, "precision": precision}
-
-
-# Settings a resume may change: they decide where the run is, how it is logged, saved or evaluated, or
-# how the same arithmetic is laid out, not what the steps compute. Everything else (model.*, peft.*,
-# data.*, the schedule, optimizer and seed) defines the run's trajectory and must match its config.yaml.
-RESUME_MAY_CHANGE = (
-    "preset", "run_name", "output_dir", "overwrite",  # name the folder, which is this run's by construction
-    "eval", "infer", "runs", "experiment",  # other commands (eval.batch_size only batches the eval loss)
-    "data.test_split", "data.num_proc",  # the eval command's split; tokenization processes
-    "training.log_every", "training.eval_every", "training.save_every", "training.keep_checkpoints",
-    "training.report_to", "training.wandb_project", "training.resume", "training.resume_despite_changes",
-    "training.debug_nan_at_step",  # a testing knob
-    # Where it runs, and the split of the global batch into micro-batches (memory, not math: the loss is
-    # normalised over the global batch, whose examples the sampler picks from (seed, global batch) alone).
-    # The global batch and the precision that ran are compared instead, in training_inputs().
-    "training.device", "training.precision", "training.micro_batch_size", "training.gradient_accumulation_steps",
-    "training.auto_batch_size", "training.memory_budget_gb", "model.gradient_checkpointing",
-    "training.loss_chunk_size",  # the same loss and gradients, computed in chunks (loss.py)
-)
 
 
 def changes_since_start(run_dir: RunDir, path: Path, cfg, inputs: dict[str, Any]) -> list[str]:

@@ -29,15 +29,12 @@ from llama_lora import artifacts
 from llama_lora.artifacts import RunDir
 from llama_lora.config.load import (compose_dict, config_diff, from_dict, load_config, load_config_file,
                                     parse_overrides)
-from llama_lora.config.schema import Config, SearchRange
+from llama_lora.config.schema import REUSE_MAY_CHANGE, Config, SearchRange
 from llama_lora.errors import LlamaLoraError
 from llama_lora.report import COLUMNS, LOWER_IS_BETTER, run_name, summarize, write_tables
 
 log = logging.getLogger("llama_lora.experiment")
 
-# Fields that say how to run or report the experiment, not how a run trains: changing them never
-# makes a finished run stale.
-NOT_TRAINING = ("overwrite", "runs", "experiment", "eval", "infer")
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -156,7 +153,7 @@ def compose_run(base: Config, overrides: list[str]) -> Config:
 def _config_changes(run_dir: RunDir, cfg: Config) -> str:
     """Why a finished run cannot stand for `cfg` ('' when it was trained with this very configuration):
     a finished run is reused only then; otherwise it is kept, with its results, and not retrained."""
-    ignore = NOT_TRAINING
+    ignore = REUSE_MAY_CHANGE
     if cfg.training.auto_batch_size or cfg.training.micro_batch_size == "auto":
         # config.yaml records the split that ran (the planner's, or the number 'auto' stands for)
         ignore += ("training.micro_batch_size", "training.gradient_accumulation_steps")

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from llama_lora import artifacts, model as model_lib
 from llama_lora.artifacts import RunDir
 from llama_lora.config.load import GROUPS, load_config, load_config_file, parse_overrides
-from llama_lora.config.schema import Config
+from llama_lora.config.schema import USE_MAY_CHANGE, Config
 from llama_lora.data import PromptFormat
 from llama_lora.errors import LlamaLoraError
 
@@ -29,12 +29,10 @@ log = logging.getLogger(__name__)
 
 # What a command may change on a saved run: how it runs and what it reports, never what was trained
 # (the adapter, its base, its data formatting). Anything else would be silently ignored, so it is refused.
-_RUNTIME = ("training.device", "training.precision", "training.seed", "model.dtype", "model.attn_implementation",
-            "model.trust_remote_code", "output_dir", "infer.run_dir")
 SAVED_RUN_FIELDS: dict[str, tuple[str, ...]] = {
-    "infer": (*_RUNTIME, "infer."),
-    "eval": (*_RUNTIME, "eval.", "data."),
-    "baseline": (*_RUNTIME, "eval.", "data."),
+    "infer": (*USE_MAY_CHANGE, "infer."),
+    "eval": (*USE_MAY_CHANGE, "eval.", "data."),
+    "baseline": (*USE_MAY_CHANGE, "eval.", "data."),
     # merge: model.quantization names the output's (refused unless none or the run's own: merge.py)
     "merge": ("training.device", "model.dtype", "model.trust_remote_code", "model.quantization", "output_dir",
               "infer.run_dir"),

@@ -409,3 +409,31 @@ class ServeConfig(_Strict):
     drain_timeout_s: float = Field(
         60.0, ge=0.0, description="On SIGTERM, how long in-flight requests may take to finish before exit."
     )
+
+
+# ---- Which settings define a trained run: the one statement read by resume (checkpoint.changes_since_start),
+# experiment's reuse of a finished run, and the use commands' overrides (runs.SAVED_RUN_FIELDS). A key names a
+# field or a whole section ("eval" covers eval.*). Everything not listed (model.*, peft.*, data.*, the
+# schedule, optimizer and seed) defines the run's trajectory.
+NAMES_THE_RUN = ("preset", "run_name", "output_dir", "overwrite")  # where the run is, not what it computes
+OTHER_COMMANDS = ("eval", "infer", "runs", "experiment")  # other commands' settings (eval.batch_size too)
+HOW_IT_IS_WATCHED = (  # how it is logged, saved, resumed or evaluated
+    "data.test_split", "data.num_proc",  # the eval command's split; tokenization processes
+    "training.log_every", "training.eval_every", "training.save_every", "training.keep_checkpoints",
+    "training.report_to", "training.wandb_project", "training.resume", "training.resume_despite_changes",
+    "training.debug_nan_at_step",  # a testing knob
+)
+# Where it runs, and the split of the global batch into micro-batches: memory, not math (the loss is
+# normalised over the global batch, whose examples the sampler picks from (seed, global batch) alone; a
+# resume compares the global batch and the precision that ran instead, checkpoint.training_inputs).
+HOW_IT_IS_LAID_OUT = (
+    "training.device", "training.precision", "training.micro_batch_size", "training.gradient_accumulation_steps",
+    "training.auto_batch_size", "training.memory_budget_gb", "model.gradient_checkpointing",
+    "training.loss_chunk_size",  # the same loss and gradients, computed in chunks (loss.py)
+)
+RESUME_MAY_CHANGE = NAMES_THE_RUN + OTHER_COMMANDS + HOW_IT_IS_WATCHED + HOW_IT_IS_LAID_OUT
+REUSE_MAY_CHANGE = NAMES_THE_RUN + OTHER_COMMANDS  # experiment: a finished run stands for these settings
+# What infer, eval, baseline, merge and export may set on a saved run besides their own section: how the
+# model runs there (device, precision, sampling seed, weight dtype, attention), never what was trained.
+USE_MAY_CHANGE = ("training.device", "training.precision", "training.seed", "model.dtype",
+                  "model.attn_implementation", "model.trust_remote_code", "output_dir", "infer.run_dir")
