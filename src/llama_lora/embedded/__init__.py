@@ -46,6 +46,7 @@ def default_cache_dir() -> Path:
 
 def check_cache_dir(root: Path) -> None:
     """Before building into the cache (minutes of pre-training): it must be a folder we can write."""
+    from llama_lora.artifacts import check_writable
     from llama_lora.errors import LlamaLoraError
 
     where = "LLAMA_LORA_CACHE" if os.environ.get("LLAMA_LORA_CACHE") else "the default cache"
@@ -54,9 +55,7 @@ def check_cache_dir(root: Path) -> None:
         if not existing.is_dir():
             raise NotADirectoryError(20, "Not a directory")
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-check-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        check_writable(root)
     except OSError as e:
         raise LlamaLoraError(
             f"The embedded model and data are built into {root} ({where}), but {existing} "
