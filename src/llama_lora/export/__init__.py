@@ -13,7 +13,6 @@ to DIR only once all checks pass; on a mismatch the error names it and nothing i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -101,6 +100,11 @@ def run(cfg: Config, fmt: str = "gguf", dtype: str = "f16", output: str | None =
           + (f"; llama.cpp greedy {report['llama_cpp']['greedy_same']} same" if "greedy_same" in report["llama_cpp"]
              else f"; llama.cpp crashed: {report['llama_cpp']['crashed']}" if "crashed" in report["llama_cpp"]
              else "; llama.cpp not installed") + f"). Ollama: cd {out} && ollama create NAME -f Modelfile")
+    if report["merge"] and "max_abs_logit_diff_vs_quantized_base" in report["merge"]:
+        from llama_lora import merge
+
+        print(f"  {merge.quantized_base_note(report['merge'])}; the GGUF holds the base dequantized to "
+              f"{report['merge']['dequantized_to']}; recorded in export.json (merge)")
     if report["adapter"]:
         print(f"adapter alone: {out / 'adapter.gguf'}  ({report['adapter']['compared']} LoRA tensors within tolerance; "
               "for llama.cpp --lora on the base model)")
@@ -147,10 +151,9 @@ def _export(cfg: Config, tmp: Path, dtype: str, model_dir: Path | None, adapter:
     from llama_lora.export import modelfile, verify
 
     merge_report = None
-    if model_dir is None:  # a run: merge (verified by merge itself) into the temporary folder
-        with contextlib.redirect_stdout(sys.stderr):  # merge's "merged model: <temporary folder>" line is no result
-            model_dir = merge.merge_into(cfg, tmp / "merged")
-        merge_report = json.loads((model_dir / "merge.json").read_text())
+    if model_dir is None:  # a run: merged (and verified) by merge's own code, into the temporary folder
+        model_dir = tmp / "merged"
+        merge_report = merge.merge_to(cfg, RunDir(Path(cfg.infer.run_dir)), model_dir)
     gguf_path = tmp / "model.gguf"
     _convert(model_dir, gguf_path, dtype)
 
