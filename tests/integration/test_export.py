@@ -1,11 +1,14 @@
 """`llama-lora export` through the real CLI on the shared quickstart run: the GGUF read back and compared
 with the run merged here, the Modelfile's contents, bad input refused with one paragraph; and, where
-llama-cpp-python is installed, the file run in llama.cpp (same greedy tokens as transformers)."""
+llama-cpp-python is installed, the file run in llama.cpp (same greedy tokens as transformers). On tiny runs:
+nothing beside --output or in the run is touched but export's own temporary folder, a read-only run exports
+to a writable --output, and a read-only --output is named."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -15,7 +18,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.helpers import error_paragraph, run_cli
+from llama_lora import artifacts
+from tests.helpers import (
+    can_mount_read_only, dead_pid, error_paragraph, make_run, run_cli, run_cli_read_only, tree_state,
+)
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +96,86 @@ def test_export_bad_input_cli(quickstart_run, tmp_path):
     proc = run_cli("export", str(quickstart_run), "--output", str(tmp_path / "exists"), check=False)
     assert proc.returncode == 2 and "already exists" in error_paragraph(proc.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"] and not list((tmp_path / "exists").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------
+# What export may touch: its output, and its own temporary folder from a killed export into the same output.
+
+
+def _foreign_entries(folder: Path, out_name: str) -> Path:
+    """Entries beside an export's output that export did not write, most named as atomic_dir or write_text
+    would name them for that output or others (a user's backups, another program's temporaries). Returns the
+    one entry that is export's own: the marked temporary folder of a killed export into `out_name`."""
+    pid = dead_pid()
+    (folder / f".thesis.tmp-{pid}").mkdir()
+    (folder / f".thesis.tmp-{pid}" / "c.txt").write_text("chapter 1")
+    (folder / f".settings.old-{pid}").write_text("v1 settings")
+    (folder / f".report.md.tmp-{pid}").write_text("editor backup")
+    (folder / f".{out_name}.old-{pid}").mkdir()  # what atomic_dir sets aside: export never replaces, so not its
+    (folder / f".{out_name}.old-{pid}" / "model.gguf").write_text("the user's previous model")
+    (folder / f".{out_name}.tmp-{pid}").write_text("a file, as write_text leaves it: export writes none here")
+    (folder / f".{out_name}.tmp-{pid + 1}").mkdir()  # the exact name, but no marker: not atomic_dir's
+    (folder / f".{out_name}.tmp-{pid + 1}" / "data.txt").write_text("someone's")
+    (folder / f".other.tmp-{pid}").mkdir()  # atomic_dir's, for another name
+    (folder / f".other.tmp-{pid}" / artifacts.TMP_MARKER).touch()
+    (folder / "notes.txt").write_text("mine")
+    ours = folder / f".{out_name}.tmp-{pid + 2}"
+    ours.mkdir()
+    (ours / artifacts.TMP_MARKER).touch()
+    (ours / "model.gguf").write_bytes(b"half a model")
+    return ours
+
+
+def _without(state: dict, *prefixes: str) -> dict:
+    return {k: v for k, v in state.items() if not any(k == p or k.startswith(p + "/") for p in prefixes)}
+
+
+def test_export_touches_nothing_beside_its_output_but_its_own_temporary(tmp_path, tiny_base):
+    run = make_run(tmp_path / "runs", tiny_base)
+    models = tmp_path / "models"
+    models.mkdir()
+    ours = _foreign_entries(models, "my-run-f16")
+    before = tree_state(models)
+    proc = run_cli("export", str(run), "--output", str(models / "my-run-f16"))
+    assert f"exported: {models / 'my-run-f16' / 'model.gguf'}" in proc.stdout
+    assert _without(tree_state(models), "my-run-f16") == _without(before, ours.name)  # bytes and mtimes
+    assert not ours.exists() and f"Removed {ours}" in proc.stderr  # the killed export's GBs, and said so
+    assert sorted(p.name for p in (models / "my-run-f16").iterdir()) == ["Modelfile", "export.json", "model.gguf"]
+
+
+def test_export_into_the_run_touches_nothing_of_the_run_but_its_output(tmp_path, tiny_base):
+    run = make_run(tmp_path, tiny_base)
+    ours = _foreign_entries(run, "gguf-f16")
+    before = tree_state(run)  # the run's own files too: export only reads them
+    proc = run_cli("export", str(run))
+    assert f"exported: {run / 'gguf-f16' / 'model.gguf'}" in proc.stdout
+    assert _without(tree_state(run), "gguf-f16") == _without(before, ours.name)
+    assert not ours.exists() and (run / "gguf-f16" / "model.gguf").is_file()
+
+
+def test_a_read_only_run_exports_to_a_writable_output(tmp_path, tiny_base):
+    if not can_mount_read_only(tmp_path):
+        pytest.skip("needs `unshare -rm` and bind mounts (a private mount namespace) to make a read-only folder")
+    runs_dir = tmp_path / "ro-runs"  # the run and the folder around it (where its lock file would go)
+    run = make_run(runs_dir, tiny_base)
+    before = tree_state(runs_dir)
+    out = tmp_path / "models" / "run-f16"
+    proc = run_cli_read_only([runs_dir], "export", str(run), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"exported: {out / 'model.gguf'}" in proc.stdout and (out / "model.gguf").is_file()
+    assert tree_state(runs_dir) == before
+
+    # A read-only --output is named as such, and so is the default output inside a read-only run.
+    (tmp_path / "ro-models").mkdir()
+    proc = run_cli_read_only([runs_dir, tmp_path / "ro-models"], "export", str(run), "--output",
+                             str(tmp_path / "ro-models" / "x"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    message = error_paragraph(proc.stderr)
+    assert f"Cannot export to {tmp_path / 'ro-models' / 'x'}: {tmp_path / 'ro-models'} cannot be written " \
+           "(Read-only file system)" in message and "choose a writable --output" in message, message
+    assert "copy the run" not in message and "output_dir" not in message and "Loaded" not in proc.stderr
+    proc = run_cli_read_only([runs_dir], "export", str(run))
+    message = error_paragraph(proc.stderr)
+    assert proc.returncode == 2 and f"default output {run / 'gguf-f16'} is inside the run" in message, message
+    assert "choose a writable --output" in message and "copy the run" not in message
+    assert tree_state(runs_dir) == before and not list((tmp_path / "ro-models").iterdir())

@@ -13,8 +13,10 @@ to DIR only once all checks pass; on a mismatch the error names it and nothing i
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -51,6 +53,12 @@ def supported_architectures() -> set[str]:
 
 
 def run(cfg: Config, fmt: str = "gguf", dtype: str = "f16", output: str | None = None, adapter: bool = False) -> Path:
+    """Export cfg's run (or merged model) to `output` (default `<run>/gguf-<dtype>`), verified; returns `output`.
+
+    Writes nothing but `output`, through its temporary sibling `.<name>.tmp-<pid>` (the run is only read, under
+    a shared lock, none on a read-only mount). Beside `output` it removes only such temporary folders that a
+    killed export left (dead pid, atomic_dir's marker inside); nothing else there is read, renamed or removed.
+    """
     t0 = time.time()
     dtype = dtype.lower()
     if fmt not in FORMATS:
@@ -88,12 +96,15 @@ def run(cfg: Config, fmt: str = "gguf", dtype: str = "f16", output: str | None =
             f"{len(supported_architectures()) - 3} more). Use llama.cpp's own "
             "convert_hf_to_gguf.py on `llama-lora merge`'s output for other architectures.")
     with runs.writing_into(cfg, "export", shared=True) as cfg:
-        _check_space(target, cfg, out, dtype, model_dir)
-        artifacts.clean_stale(out.parent, (out.name,))
+        _check_output_place(out, _space_needed(target, cfg, dtype, model_dir), default=output is None)
+        _remove_killed_temporaries(out)
         with artifacts.atomic_dir(out) as tmp:
             report = _export(cfg, tmp, dtype, model_dir, adapter)
             report["seconds"] = round(time.time() - t0, 1)
             artifacts.write_json(tmp / "export.json", report)
+            if out.exists() or out.is_symlink():  # made by someone else while this export ran: theirs, kept
+                raise LlamaLoraError(f"{out} appeared while this export ran (another export or program made it). "
+                                     "export never overwrites, so this export was discarded; choose another --output.")
     t = report["tensors"]
     print(f"exported: {out / 'model.gguf'}  ({dtype}, {t['compared']} tensors within tolerance, max relative error "
           f"{t['max_rel_error']:.3g}; tokenizer, chat template and stop tokens match"
@@ -139,11 +150,56 @@ def _weights_bytes(model_path: Path) -> tuple[int, int]:
     return n, size
 
 
-def _check_space(target: Path, cfg: Config, out: Path, dtype: str, model_dir: Path | None) -> None:
-    """Before anything is written: room for the temporary merged model plus the GGUF, beside `out`."""
+def _space_needed(target: Path, cfg: Config, dtype: str, model_dir: Path | None) -> int:
+    """Bytes the export needs beside its output: the temporary merged model (for a run) plus the GGUF."""
     n, size = _weights_bytes(model_dir or _local(runs.base_model_of(target, cfg)))
-    need = (0 if model_dir else size) + int(n * DTYPES[dtype]) + 64 * 2**20
-    artifacts.check_free_space(out.parent, need)
+    return (0 if model_dir else size) + int(n * DTYPES[dtype]) + 64 * 2**20
+
+
+def _check_output_place(out: Path, need: int, default: bool) -> None:
+    """Before anything is written: the folder that will hold `out` (or its nearest existing parent) can be written
+    and has room for `need` bytes. Refusals name --output: export writes nothing anywhere else."""
+    place = next(p for p in [out.parent, *out.parent.parents] if p.exists())
+    try:
+        artifacts.check_writable(place)
+    except OSError as e:
+        where = (f"its default output {out} is inside the run, which cannot be written ({e.strerror}). "
+                 "The run itself is only read, so it may stay where it is: " if default else
+                 f"{place} cannot be written ({e.strerror}). ")
+        raise LlamaLoraError(f"Cannot export to {out}: {where}choose a writable --output (export writes only "
+                             "there, e.g. --output ~/models/NAME). Nothing was written.") from e
+    free = shutil.disk_usage(place).free
+    if free < need:
+        raise LlamaLoraError(
+            f"Not enough free disk space under {place}: {free / 2**20:.0f} MiB free, about {need / 2**20:.0f} MiB "
+            "needed for the temporary merged model and the GGUF. Free some space or choose an --output on another "
+            "disk. Nothing was written.")
+
+
+def _remove_killed_temporaries(out: Path) -> list[str]:
+    """Remove what a killed export into `out` left: `.<out.name>.tmp-<pid>` folders of dead processes that hold
+    atomic_dir's marker (artifacts.TMP_MARKER). Nothing else beside `out` is looked at, renamed or removed (its
+    folder may be the user's home or a shared models folder)."""
+    removed = []
+    for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.tmp-*")) if out.parent.is_dir() else []:
+        pid = p.name.rpartition(".tmp-")[2]
+        if (not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)) or p.is_symlink() or not p.is_dir()
+                or not (p / artifacts.TMP_MARKER).is_file()):
+            continue
+        shutil.rmtree(p)
+        removed.append(p.name)
+        log.info("Removed %s, the temporary folder of an export into %s that did not finish", p, out)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _export(cfg: Config, tmp: Path, dtype: str, model_dir: Path | None, adapter: bool = False) -> dict:
