@@ -187,7 +187,7 @@ def test_a_read_only_run_exports_to_a_writable_output(tmp_path, tiny_base):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     message = error_paragraph(proc.stderr)
     assert f"Cannot export to {tmp_path / 'ro-models' / 'x'}: {tmp_path / 'ro-models'} cannot be written " \
-           "(Read-only file system)" in message and "choose a writable --output" in message, message
+           "(Read-only file system), so choose a writable --output" in message, message
     assert "copy the run" not in message and "output_dir" not in message and "Loaded" not in proc.stderr
     proc = run_cli_read_only([runs_dir], "export", str(run))
     message = error_paragraph(proc.stderr)

@@ -178,7 +178,7 @@ def _check_output_place(out: Path, need: int, default: bool) -> None:
     except OSError as e:
         where = (f"its default output {out} is inside the run, which cannot be written ({e.strerror}). "
                  "The run itself is only read, so it may stay where it is: " if default else
-                 f"{place} cannot be written ({e.strerror}). ")
+                 f"{place} cannot be written ({e.strerror}), so ")
         raise LlamaLoraError(f"Cannot export to {out}: {where}choose a writable --output (export writes only "
                              "there, e.g. --output ~/models/NAME). Nothing was written.") from e
     free = shutil.disk_usage(place).free
