@@ -641,3 +641,48 @@ def assert_same_metrics(run: Path, ref: Path) -> None:
         assert got[key] == want[key], key
     for key in ("train_loss", "eval_loss", "eval_loss_before"):
         assert abs(got[key] - want[key]) < 1e-5, key
+
+
+# ----------------------------------------------------------------------------------------------------
+# Places a command must leave alone (tests/integration/test_export.py): read-only mounts, foreign files.
+
+
+def can_mount_read_only(tmp: Path) -> bool:
+    """Whether `unshare -rm` can make a read-only bind mount here (a private mount namespace, no root)."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        return False
+    probe = tmp / ".ro-probe"
+    probe.mkdir(exist_ok=True)
+    cmd = f"mount --bind {probe} {probe} && mount -o remount,ro,bind {probe} {probe} && ! touch {probe}/x"
+    return subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True).returncode == 0
+
+
+def run_cli_read_only(folders: list[Path], *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`llama-lora args` in a private mount namespace in which each of `folders` is mounted read-only."""
+    import shlex
+
+    mounts = " && ".join(f"mount --bind {shlex.quote(str(f))} {shlex.quote(str(f))} && "
+                         f"mount -o remount,ro,bind {shlex.quote(str(f))}" for f in folders)
+    cli = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "llama_lora.cli", *args])
+    return subprocess.run(["unshare", "-rm", "sh", "-c", f"{mounts} && exec {cli}"], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def dead_pid() -> int:
+    """A process id no process can have (above the kernel's pid_max), nor the ids just above it."""
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+    except OSError:
+        return 2**31 - 1
+
+
+def tree_state(root: Path) -> dict[str, tuple]:
+    """Every entry under `root` (itself excluded), links not followed: its kind, bytes (files) and mtime_ns."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        kind = "link" if p.is_symlink() else "dir" if p.is_dir() else "file"
+        out[str(p.relative_to(root))] = (kind, p.read_bytes() if kind == "file" else None, st.st_mtime_ns)
+    return out

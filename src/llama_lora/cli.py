@@ -209,9 +209,12 @@ def _export(args: list[str]) -> object:
                                          "(default: <run>/gguf-<dtype>)")
     parser.add_argument("--adapter", action="store_true",
                         help="also write the LoRA alone as adapter.gguf (llama.cpp --lora, Ollama ADAPTER)")
+    parser.add_argument("--no-llama-cpp-check", dest="llama_cpp_check", action="store_false",
+                        help="do not run the file in llama.cpp (export.json records it as not verified there)")
     ns = parser.parse_args(rest)
     cfg = runs.command_config("export", overrides, ns.run_dir or run_dir)
-    return _command("export").run(cfg, fmt=ns.format, dtype=ns.dtype, output=ns.output, adapter=ns.adapter)
+    return _command("export").run(cfg, fmt=ns.format, dtype=ns.dtype, output=ns.output, adapter=ns.adapter,
+                                  llama_cpp_check=ns.llama_cpp_check)
 # ---- end export
 
 

@@ -66,18 +66,20 @@ def sample_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def run(cfg: Config) -> Path:
-    t0 = time.time()
+    """`llama-lora merge`: merge the run into `<run>/merged` (replacing only a `merged` that merge wrote)."""
     target = runs.resolve(cfg.infer.run_dir, cfg.output_dir)
     if not runs.is_run_dir(target):
         raise LlamaLoraError(f"{target} has no adapter to merge (it is already a standalone model). "
                              "Give merge a run directory with adapter/.")
-    cfg = _base_quantization(cfg, target)
     run_dir = RunDir(target)
+    cfg = _base_quantization(cfg, target)
     artifacts.check_replaceable(run_dir.merged, MARKER)  # a `merged` of the user's own: refused before any work
     # One writer per run: a second merge (or a train overwrite / eval) of this run is refused while
     # this one loads, checks and writes <run>/merged.
     with run_dir.lock("merge"):
-        return _merge(cfg, run_dir, t0)
+        report = merge_to(cfg, run_dir, run_dir.merged)
+    _print_summary(report, run_dir.merged, "merge.json")
+    return run_dir.merged
 
 
 def _base_quantization(cfg: Config, target: Path) -> Config:
@@ -101,7 +103,20 @@ def _base_quantization(cfg: Config, target: Path) -> Config:
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"quantization": trained})})
 
 
-def _merge(cfg: Config, run_dir: RunDir, t0: float) -> Path:
+def merge_to(cfg: Config, run_dir: RunDir, dest: Path) -> dict:
+    """Merge the finished run `run_dir` into the folder `dest` and return the report written there as merge.json.
+
+    The one merge that `llama-lora merge` (dest = `<run>/merged`) and `llama-lora export` (dest inside its own
+    temporary folder) share. `dest` is written atomically (`artifacts.atomic_dir`): only a folder holding
+    merge.json is replaced, and on a failed verification nothing is left. Only `dest` and its temporary
+    sibling are written; the run is only read, so the caller decides how to lock it (merge: the run's writer
+    lock, since `<run>/merged` is part of the run; export: a shared read lock). A run trained on a quantized
+    base is merged into that base dequantized (the module docstring), both differences in the report.
+    """
+    t0 = time.time()
+    cfg = _base_quantization(cfg, run_dir.path)
+    cfg = cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"run_dir": str(run_dir.path)})})  # loaded
+    dest = Path(dest)
     target = run_dir.path
     dtype = base_dtype(runs.base_model_of(target, cfg), cfg)
     runtime = runs.inference_runtime(cfg, dtype)  # merged in the base checkpoint's own dtype
@@ -132,9 +147,9 @@ def _merge(cfg: Config, run_dir: RunDir, t0: float) -> Path:
 
     merged = model.merge_and_unload()
     nbytes = sum(p.numel() * p.element_size() for p in merged.parameters())
-    artifacts.clean_stale(run_dir.path, (run_dir.merged.name,))  # a killed earlier merge's `.merged.tmp-PID` (GBs) goes first
-    artifacts.check_free_space(target, nbytes + 100 * 2**20)
-    with artifacts.atomic_dir(run_dir.merged, MARKER) as tmp:
+    artifacts.clean_stale(dest.parent, (dest.name,))  # a killed earlier merge's `.merged.tmp-PID` (GBs) goes first
+    artifacts.check_free_space(dest.parent, nbytes + 100 * 2**20)
+    with artifacts.atomic_dir(dest, MARKER) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         artifacts.write_json(tmp / "prompt.json", fmt.to_dict())
@@ -171,17 +186,30 @@ def _merge(cfg: Config, run_dir: RunDir, t0: float) -> Path:
         artifacts.write_json(tmp / "merge.json", report)
     log.info("Merged %s adapter into %s (%s): max |logit diff| vs base+adapter %.3g (tolerance %.3g; the "
              "adapter itself moves logits by up to %.3g). Saved to %s", method, base, report["dtype"], diff, tol,
-             adapter_effect, run_dir.merged)
-    print(f"merged model: {run_dir.merged}  ({method}, {report['dtype']}, max |logit diff| {diff:.3g} "
-          f"<= tolerance {tol:.3g})")
+             adapter_effect, dest)
     if vs_trained is not None:
         log.info("The base was %s-quantized in training: the merged model (dequantized to %s) differs from the "
                  "trained quantized base + adapter by up to %.3g in logits (%.2g%% of the logit scale %.3g)",
                  quantization, report["dtype"], vs_trained, 100 * vs_trained / scale, scale)
-        print(f"  {quantization} base: max |logit diff| merged vs dequantized base + adapter {diff:.3g} (the merge, "
-              f"verified); merged vs quantized base + adapter (what was trained) {vs_trained:.3g} "
-              f"({100 * vs_trained / scale:.2g}% of the logit scale {scale:.3g}); recorded in merge.json")
-    return run_dir.merged
+    return report
+
+
+def _print_summary(report: dict, dest: Path, recorded_in: str) -> None:
+    """The result lines `merge` prints (stdout): where the model is, and for a quantized base both differences."""
+    print(f"merged model: {dest}  ({report['method']}, {report['dtype']}, max |logit diff| "
+          f"{report['max_abs_logit_diff']:.3g} <= tolerance {report['tolerance']:.3g})")
+    if "max_abs_logit_diff_vs_quantized_base" in report:
+        print("  " + quantized_base_note(report) + f"; recorded in {recorded_in}")
+
+
+def quantized_base_note(report: dict) -> str:
+    """One line on a merge from a quantized base (merge.json's figures): the merge itself, verified, and how far
+    the merged model is from what was trained (the quantized base + adapter), measured."""
+    vs_trained = report["max_abs_logit_diff_vs_quantized_base"]
+    return (f"{report['quantization']} base: max |logit diff| merged vs dequantized base + adapter "
+            f"{report['max_abs_logit_diff_vs_dequantized_base']:.3g} (the merge, verified); merged vs quantized base "
+            f"+ adapter (what was trained) {vs_trained:.3g} ({100 * report['relative_diff_vs_quantized_base']:.2g}% "
+            f"of the logit scale {report['logit_scale']:.3g})")
 
 
 def _adapts_tied_head(model) -> bool:
@@ -208,24 +236,6 @@ def _failure(report: dict, tied_head: bool) -> str:
         " The adapter files may be corrupted or inconsistent with the base model; check them or re-train."
     )
     return f"Merge verification failed: {why}. Nothing was written.{hint}"
-
-
-# --- added for `llama-lora export` (issue #17) ---
-from dataclasses import dataclass  # noqa: E402  (kept inside this block)
-
-
-def merge_into(cfg: Config, dest: Path) -> Path:
-    """Merge cfg's run into the new folder `dest` (not `<run>/merged`), verified exactly as `run` does.
-    For commands that need a merged model only on the way (export); the caller holds the run's lock."""
-    run_dir = RunDir(runs.resolve(cfg.infer.run_dir, cfg.output_dir))
-    return _merge(cfg, _MergeInto(run_dir.path, Path(dest)), time.time())
-
-
-@dataclass(frozen=True)
-class _MergeInto:
-    path: Path  # the run (its stale temporary folders are cleaned, free space is checked there)
-    merged: Path  # where the merged model goes
-# --- end export addition ---
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Every command on a quantized (QLoRA nf4) run through the real CLI with real bitsandbytes on CPU: train,
 kill -9 and resume to exactly the uninterrupted run, eval and baseline (the base quantized as in training,
-from the saved config), infer, merge with both differences recorded, a quantization sweep in an
-experiment, and 2-process DDP."""
+from the saved config), infer, merge with both differences recorded, export to GGUF (the dequantized base
+plus the adapter, verified), a quantization sweep in an experiment, and 2-process DDP."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +80,54 @@ def test_eval_baseline_infer_and_merge_on_a_qlora_run(qref, tmp_path):
     assert "quantization_config" not in config  # a plain model: from_pretrained loads it unquantized
     again = run_cli("infer", f"run_dir={qref / 'merged'}", "Uppercase the word.", "--input", "apple", "infer.max_new_tokens=4")
     assert again.stdout.strip() == answer.stdout.strip()  # greedy: the merged model answers as base + adapter
+
+
+def test_export_of_a_qlora_run_holds_the_dequantized_base_plus_the_adapter(qref, tmp_path):
+    import gguf
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from llama_lora.model import import_bitsandbytes
+
+    before = sorted(p.relative_to(qref).as_posix() for p in qref.rglob("*") if "merged" not in p.parts)
+    out = tmp_path / "nf4-f16"
+    proc = run_cli("export", str(qref), "--output", str(out))
+    assert f"exported: {out / 'model.gguf'}" in proc.stdout, proc.stdout
+    assert "nf4 base: max |logit diff| merged vs dequantized base + adapter" in proc.stdout
+    assert "the GGUF holds the base dequantized to float32" in proc.stdout
+    report = json.loads((out / "export.json").read_text())
+    assert report["tensors"]["compared"] == 20 and report["tensors"]["max_rel_error"] < 1e-3
+    merged = report["merge"]  # as merge.json records it
+    assert merged["quantization"] == "nf4" and merged["dequantized_to"] == "float32"
+    assert merged["max_abs_logit_diff_vs_dequantized_base"] <= merged["tolerance"]
+    assert merged["max_abs_logit_diff_vs_quantized_base"] < 1e-3 * merged["logit_scale"]
+    assert merged["relative_diff_vs_quantized_base"] == pytest.approx(
+        merged["max_abs_logit_diff_vs_quantized_base"] / merged["logit_scale"])
+    assert sorted(p.relative_to(qref).as_posix() for p in qref.rglob("*") if "merged" not in p.parts) == before
+
+    # Independently: bitsandbytes' own nf4 round trip of the base weight (64-value blocks, double-quantized
+    # statistics, as training loaded it) plus alpha/r * B A from the adapter file, against the file as read back.
+    import_bitsandbytes()
+    import bitsandbytes.functional as bnb_f
+
+    base = load_file(Path(json.loads((qref / "run.json").read_text())["base_model"]) / "model.safetensors")
+    adapter = load_file(qref / "adapter" / "adapter_model.safetensors")
+    cfg = json.loads((qref / "adapter" / "adapter_config.json").read_text())
+    scale = cfg["lora_alpha"] / cfg["r"]
+    tensors = {rt.name: rt for rt in gguf.GGUFReader(out / "model.gguf").tensors}
+    for module, name in [("model.layers.0.self_attn.v_proj", "blk.0.attn_v.weight"),
+                         ("model.layers.1.mlp.down_proj", "blk.1.ffn_down.weight")]:
+        w = base[module + ".weight"]
+        packed, state = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        update = scale * adapter[f"base_model.model.{module}.lora_B.weight"] @ adapter[
+            f"base_model.model.{module}.lora_A.weight"]
+        want = bnb_f.dequantize_4bit(packed, state, quant_type="nf4") + update
+        rt = tensors[name]
+        got = torch.from_numpy(np.array(gguf.quants.dequantize(rt.data, rt.tensor_type), dtype=np.float32))
+        tol = 1e-3 * float(want.abs().max())  # f16's read-back tolerance
+        assert float((got - want).abs().max()) <= tol, module
+        assert float((got - (w + update)).abs().max()) > 10 * tol, module  # not the unquantized base: nf4 rounding
 
 
 def test_experiment_sweeps_quantization(qroot, tiny_base, tmp_path):

@@ -160,3 +160,78 @@ def test_overrides_that_cannot_apply_to_a_saved_run_are_refused(tmp_path, tiny_b
     run = make_run(tmp_path, tiny_base, "lora")
     with pytest.raises(LlamaLoraError, match="cannot apply to the saved run.*`export` accepts"):
         saved_config(run, ["peft.r=8"], "export")
+
+
+def _rows(*tops: tuple[int, float, int, float], vocab: int = 8) -> np.ndarray:
+    """Logit rows, one per step: each gives token a the logit la and token b the logit lb, the rest -5."""
+    out = np.full((len(tops), vocab), -5.0, dtype=np.float32)
+    for row, (a, la, b, lb) in zip(out, tops):
+        row[a], row[b] = la, lb
+    return out
+
+
+def test_greedy_split_at_a_near_tie_counts_as_agreement_and_a_clear_split_does_not():
+    # transformers: tokens 3, 4, 5; its step-1 logits give 4 only 0.01 more than 6
+    ref = [3, 4, 5]
+    ref_logits = _rows((3, 9.0, 1, 2.0), (4, 7.01, 6, 7.0), (5, 8.0, 2, 1.0))
+    # llama.cpp: the same first step, 0.02 off (its measured error on this prompt), then 6 where transformers has 4
+    got = [3, 6, 0]
+    got_logits = _rows((3, 9.02, 1, 2.0), (6, 7.02, 4, 7.0), (0, 8.0, 2, 1.0))
+    r = verify.compare_greedy(ref, ref_logits, got, got_logits, prompt_error=0.005)
+    assert r["verdict"] == "near_tie" and r["split_step"] == 1, r
+    assert r["transformers_token"] == 4 and r["llama_cpp_token"] == 6
+    assert r["gap"] == pytest.approx(0.01, abs=1e-5) and r["top2_gap"] == pytest.approx(0.01, abs=1e-5)
+    assert r["logit_error"] == pytest.approx(0.02, abs=1e-5)  # step 0, shared by both; not the split step itself
+    # the error measured on the prompt's own positions counts as well
+    r = verify.compare_greedy(ref, ref_logits, got, _rows((3, 9.0, 1, 2.0), (6, 7.02, 4, 7.0), (0, 8.0, 2, 1.0)),
+                              prompt_error=0.015)
+    assert r["verdict"] == "near_tie" and r["logit_error"] == pytest.approx(0.015)
+    # the same split with a clear gap: transformers' 4 is 0.5 above 6, beyond any error measured on the prompt
+    clear = _rows((3, 9.0, 1, 2.0), (4, 7.5, 6, 7.0), (5, 8.0, 2, 1.0))
+    r = verify.compare_greedy(ref, clear, got, got_logits, prompt_error=0.005)
+    assert r["verdict"] == "differ" and r["gap"] == pytest.approx(0.5) and r["logit_error"] < r["gap"]
+    # llama.cpp chose transformers' third token: judged by that token's own logit, not the top-2 gap
+    third = _rows((3, 9.0, 1, 2.0), (4, 7.01, 7, 7.005), (5, 8.0, 2, 1.0))
+    third[1, 6] = 6.0
+    r = verify.compare_greedy(ref, third, got, got_logits, prompt_error=0.005)
+    assert r["verdict"] == "differ" and r["gap"] == pytest.approx(1.01)
+    assert r["top2_gap"] == pytest.approx(0.005, abs=1e-5)
+    # the same tokens; and a continuation that stops early (no token to compare at the split)
+    assert verify.compare_greedy(ref, ref_logits, ref, ref_logits, prompt_error=0.0)["verdict"] == "same"
+    r = verify.compare_greedy(ref, ref_logits, ref[:2], ref_logits[:2], prompt_error=0.0)
+    assert r["verdict"] == "differ" and r["split_step"] == 2 and r["gap"] is None
+
+
+def test_the_summary_line_names_a_llama_cpp_check_that_did_not_run():
+    greedy = {"same": 3, "near_tie": 1, "differ": 0}
+    assert export.llama_cpp_summary({"verified": True, "greedy": greedy}) == "llama.cpp greedy 3 same, 1 near-tie of 4"
+    assert export.llama_cpp_summary({"verified": False, "skipped": True, "not_run": "skipped with --no-llama-cpp-check"}
+                                    ) == "not verified in llama.cpp (--no-llama-cpp-check)"
+    assert export.llama_cpp_summary({"verified": False, "available": False, "not_run": "llama-cpp-python is not "
+                                     "installed"}) == "llama.cpp check not run: llama-cpp-python is not installed"
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed: the GGUF is not run in llama.cpp")
+def test_a_clear_greedy_split_is_refused_without_blaming_the_converter(tmp_path, tiny_base, monkeypatch):
+    """A GGUF whose tensors and tokenizer are right but one model setting is not (RMSNorm's epsilon raised from
+    1e-6 to 1e4, which none of the read-back checks covers): llama.cpp computes another model, by far more than
+    any rounding, so its greedy decoding splits with a clear gap and the export is refused, naming llama.cpp."""
+    run = make_run(tmp_path, tiny_base, "lora")
+    real = export._convert
+
+    def convert_then_change_epsilon(model_dir, gguf_path, dtype):
+        real(model_dir, gguf_path, dtype)
+        reader = gguf.GGUFReader(gguf_path, "r+")
+        field = reader.fields["llama.attention.layer_norm_rms_epsilon"]
+        field.parts[field.data[0]][0] = 1e4
+        reader.data.flush()
+
+    monkeypatch.setattr(export, "_convert", convert_then_change_epsilon)
+    with pytest.raises(LlamaLoraError) as e:
+        export.run(_cfg(run), dtype="f16", output=str(tmp_path / "exp"))
+    message = str(e.value)
+    assert "llama.cpp 0.3" in message and "runs the file differently from transformers" in message, message
+    assert "not a rounding near-tie" in message or "rounding stays within" in message, message
+    assert "--no-llama-cpp-check" in message and "report it" not in message and "converter" not in message
+    assert not (tmp_path / "exp").exists() and not list(tmp_path.glob(".exp.tmp-*"))

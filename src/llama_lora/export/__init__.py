@@ -6,16 +6,18 @@ DIR (default `<run>/gguf-<dtype>`, must not exist) receives `model.gguf`, an Oll
 converted with llama.cpp's converter (vendored, pinned: _vendor/llama_cpp/README.md), and the file is
 read back: every tensor dequantized and compared with the merged weights, the vocabulary, special ids,
 chat template and stop tokens compared with the run's tokenizer, and, where llama-cpp-python is
-installed, the file loaded in llama.cpp: its tokenizer on sample texts and its greedy continuations vs
-transformers' on the merged model. Everything is written into a temporary sibling folder that is renamed
-to DIR only once all checks pass; on a mismatch the error names it and nothing is left.
+installed (and not skipped with --no-llama-cpp-check), the file loaded in llama.cpp: its tokenizer on sample
+texts and its greedy continuations vs transformers' on the merged model, where a split at a near-tie (closer
+than llama.cpp's measured logit error) counts as agreement. Everything is written into a temporary sibling
+folder that is renamed to DIR only once all checks pass; on a mismatch the error names it and nothing is left.
 """
 
 from __future__ import annotations
 
-import contextlib
+import glob
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -51,7 +53,15 @@ def supported_architectures() -> set[str]:
     return names - {"LlavaForConditionalGeneration", "VoxtralForConditionalGeneration"}  # need vision/audio parts
 
 
-def run(cfg: Config, fmt: str = "gguf", dtype: str = "f16", output: str | None = None, adapter: bool = False) -> Path:
+def run(cfg: Config, fmt: str = "gguf", dtype: str = "f16", output: str | None = None, adapter: bool = False,
+        llama_cpp_check: bool = True) -> Path:
+    """Export cfg's run (or merged model) to `output` (default `<run>/gguf-<dtype>`), verified; returns `output`.
+
+    Writes nothing but `output`, through its temporary sibling `.<name>.tmp-<pid>` (the run is only read, under
+    a shared lock, none on a read-only mount). Beside `output` it removes only such temporary folders that a
+    killed export left (dead pid, atomic_dir's marker inside); nothing else there is read, renamed or removed.
+    `llama_cpp_check=False` skips running the file in llama.cpp (recorded in export.json as not verified).
+    """
     t0 = time.time()
     dtype = dtype.lower()
     if fmt not in FORMATS:
@@ -89,18 +99,24 @@ def run(cfg: Config, fmt: str = "gguf", dtype: str = "f16", output: str | None =
             f"{len(supported_architectures()) - 3} more). Use llama.cpp's own "
             "convert_hf_to_gguf.py on `llama-lora merge`'s output for other architectures.")
     with runs.writing_into(cfg, "export", shared=True) as cfg:
-        _check_space(target, cfg, out, dtype, model_dir)
-        artifacts.clean_stale(out.parent, (out.name,))
+        _check_output_place(out, _space_needed(target, cfg, dtype, model_dir), default=output is None)
+        _remove_killed_temporaries(out)
         with artifacts.atomic_dir(out) as tmp:
-            report = _export(cfg, tmp, dtype, model_dir, adapter)
+            report = _export(cfg, tmp, dtype, model_dir, adapter, llama_cpp_check)
             report["seconds"] = round(time.time() - t0, 1)
             artifacts.write_json(tmp / "export.json", report)
+            if out.exists() or out.is_symlink():  # made by someone else while this export ran: theirs, kept
+                raise LlamaLoraError(f"{out} appeared while this export ran (another export or program made it). "
+                                     "export never overwrites, so this export was discarded; choose another --output.")
     t = report["tensors"]
     print(f"exported: {out / 'model.gguf'}  ({dtype}, {t['compared']} tensors within tolerance, max relative error "
-          f"{t['max_rel_error']:.3g}; tokenizer, chat template and stop tokens match"
-          + (f"; llama.cpp greedy {report['llama_cpp']['greedy_same']} same" if "greedy_same" in report["llama_cpp"]
-             else f"; llama.cpp crashed: {report['llama_cpp']['crashed']}" if "crashed" in report["llama_cpp"]
-             else "; llama.cpp not installed") + f"). Ollama: cd {out} && ollama create NAME -f Modelfile")
+          f"{t['max_rel_error']:.3g}; tokenizer, chat template and stop tokens match; "
+          f"{llama_cpp_summary(report['llama_cpp'])}). Ollama: cd {out} && ollama create NAME -f Modelfile")
+    if report["merge"] and "max_abs_logit_diff_vs_quantized_base" in report["merge"]:
+        from llama_lora import merge
+
+        print(f"  {merge.quantized_base_note(report['merge'])}; the GGUF holds the base dequantized to "
+              f"{report['merge']['dequantized_to']}; recorded in export.json (merge)")
     if report["adapter"]:
         print(f"adapter alone: {out / 'adapter.gguf'}  ({report['adapter']['compared']} LoRA tensors within tolerance; "
               "for llama.cpp --lora on the base model)")
@@ -135,22 +151,79 @@ def _weights_bytes(model_path: Path) -> tuple[int, int]:
     return n, size
 
 
-def _check_space(target: Path, cfg: Config, out: Path, dtype: str, model_dir: Path | None) -> None:
-    """Before anything is written: room for the temporary merged model plus the GGUF, beside `out`."""
+def llama_cpp_summary(cpp: dict) -> str:
+    """What the summary line says about the llama.cpp check (export.json's `llama_cpp`)."""
+    if cpp.get("skipped"):
+        return "not verified in llama.cpp (--no-llama-cpp-check)"
+    if not cpp.get("verified"):
+        return f"llama.cpp check not run: {cpp['not_run']}"
+    g = cpp["greedy"]
+    parts = [f"{g['same']} same"] + ([f"{g['near_tie']} near-tie"] if g["near_tie"] else []) + (
+        [f"{g['differ']} differ (reported, not required for this dtype)"] if g["differ"] else [])
+    return f"llama.cpp greedy {', '.join(parts)} of {g['same'] + g['near_tie'] + g['differ']}"
+
+
+def _space_needed(target: Path, cfg: Config, dtype: str, model_dir: Path | None) -> int:
+    """Bytes the export needs beside its output: the temporary merged model (for a run) plus the GGUF."""
     n, size = _weights_bytes(model_dir or _local(runs.base_model_of(target, cfg)))
-    need = (0 if model_dir else size) + int(n * DTYPES[dtype]) + 64 * 2**20
-    artifacts.check_free_space(out.parent, need)
+    return (0 if model_dir else size) + int(n * DTYPES[dtype]) + 64 * 2**20
 
 
-def _export(cfg: Config, tmp: Path, dtype: str, model_dir: Path | None, adapter: bool = False) -> dict:
+def _check_output_place(out: Path, need: int, default: bool) -> None:
+    """Before anything is written: the folder that will hold `out` (or its nearest existing parent) can be written
+    and has room for `need` bytes. Refusals name --output: export writes nothing anywhere else."""
+    place = next(p for p in [out.parent, *out.parent.parents] if p.exists())
+    try:
+        artifacts.check_writable(place)
+    except OSError as e:
+        where = (f"its default output {out} is inside the run, which cannot be written ({e.strerror}). "
+                 "The run itself is only read, so it may stay where it is: " if default else
+                 f"{place} cannot be written ({e.strerror}), so ")
+        raise LlamaLoraError(f"Cannot export to {out}: {where}choose a writable --output (export writes only "
+                             "there, e.g. --output ~/models/NAME). Nothing was written.") from e
+    free = shutil.disk_usage(place).free
+    if free < need:
+        raise LlamaLoraError(
+            f"Not enough free disk space under {place}: {free / 2**20:.0f} MiB free, about {need / 2**20:.0f} MiB "
+            "needed for the temporary merged model and the GGUF. Free some space or choose an --output on another "
+            "disk. Nothing was written.")
+
+
+def _remove_killed_temporaries(out: Path) -> list[str]:
+    """Remove what a killed export into `out` left: `.<out.name>.tmp-<pid>` folders of dead processes that hold
+    atomic_dir's marker (artifacts.TMP_MARKER). Nothing else beside `out` is looked at, renamed or removed (its
+    folder may be the user's home or a shared models folder)."""
+    removed = []
+    for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.tmp-*")) if out.parent.is_dir() else []:
+        pid = p.name.rpartition(".tmp-")[2]
+        if (not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)) or p.is_symlink() or not p.is_dir()
+                or not (p / artifacts.TMP_MARKER).is_file()):
+            continue
+        shutil.rmtree(p)
+        removed.append(p.name)
+        log.info("Removed %s, the temporary folder of an export into %s that did not finish", p, out)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _export(cfg: Config, tmp: Path, dtype: str, model_dir: Path | None, adapter: bool = False,
+            llama_cpp_check: bool = True) -> dict:
     from llama_lora import merge, model as model_lib
     from llama_lora.export import modelfile, verify
 
     merge_report = None
-    if model_dir is None:  # a run: merge (verified by merge itself) into the temporary folder
-        with contextlib.redirect_stdout(sys.stderr):  # merge's "merged model: <temporary folder>" line is no result
-            model_dir = merge.merge_into(cfg, tmp / "merged")
-        merge_report = json.loads((model_dir / "merge.json").read_text())
+    if model_dir is None:  # a run: merged (and verified) by merge's own code, into the temporary folder
+        model_dir = tmp / "merged"
+        merge_report = merge.merge_to(cfg, RunDir(Path(cfg.infer.run_dir)), model_dir)
     gguf_path = tmp / "model.gguf"
     _convert(model_dir, gguf_path, dtype)
 
@@ -171,19 +244,25 @@ def _export(cfg: Config, tmp: Path, dtype: str, model_dir: Path | None, adapter:
     del reader  # the memory map of the file
     if problems:
         _refuse(problems)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    cpp, cpp_problems = verify.llama_cpp_check(gguf_path, model, tokenizer, texts, prompts,
-                                               tok_report["stop_token_ids"], strict=dtype in ("f32", "f16"))
-    problems += cpp_problems
-    if "tokenizer_texts" not in cpp:  # llama.cpp not installed (or it crashed): transformers' GGUF tokenizer
+    greedy_problems = []
+    if llama_cpp_check:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        cpp, problems, greedy_problems = verify.llama_cpp_check(
+            gguf_path, model, tokenizer, texts, prompts, tok_report["stop_token_ids"], dtype=dtype,
+            work_dir=tmp)
+        del model
+    else:
+        cpp = {"verified": False, "skipped": True, "not_run": "skipped with --no-llama-cpp-check"}
+    if not cpp["verified"]:  # llama.cpp skipped, not installed or crashed: transformers' GGUF tokenizer instead
         tok_ids, more = verify.gguf_tokenizer_ids(gguf_path, tokenizer, texts)
         tok_report["ids"] = tok_ids
         problems += more
     else:
         tok_report["ids"] = {"checked_by": "llama.cpp", "texts": len(texts)}
-    del model
     if problems:
         _refuse(problems)
+    if greedy_problems:
+        _refuse_greedy(greedy_problems, cpp)
 
     add_bos = cpp.get("add_bos", _llama_cpp_adds_bos(tok_report))
     template = modelfile.ollama_template(tokenizer, fmt, add_bos)
@@ -218,9 +297,22 @@ def _llama_cpp_adds_bos(tok: dict) -> bool:
 
 
 def _refuse(problems: list[str]) -> None:
+    """A mismatch in the file itself (tensors, vocabulary, special tokens, llama.cpp's tokenization)."""
     shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
     raise LlamaLoraError(f"Export verification failed: {shown}. Nothing was written. The converter and the "
                          "merged model disagree; run with --debug and report it with the run's config.yaml.")
+
+
+def _refuse_greedy(problems: list[str], cpp: dict) -> None:
+    """llama.cpp decodes a verified file differently from transformers, by a clear margin (not a near-tie)."""
+    g = cpp["greedy"]
+    raise LlamaLoraError(
+        f"Export verification failed: llama.cpp {cpp['version']} runs the file differently from transformers on "
+        f"{g['differ']} of {g['same'] + g['near_tie'] + g['differ']} sample prompts; {problems[0]}. The "
+        "file's tensors, vocabulary, special tokens, chat template and llama.cpp's tokenization all match the merged "
+        "model (checked), so what differs is how llama.cpp computes it: its build (try another llama-cpp-python "
+        "version) or a model setting llama.cpp reads differently. Nothing was written. To write the file without "
+        "this check, pass --no-llama-cpp-check (export.json then records it as not verified in llama.cpp).")
 
 
 def _convert(model_dir: Path, gguf_path: Path, dtype: str, lora: Path | None = None) -> None:
