@@ -93,7 +93,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, tiny_base, mo
     unfinished = tmp_path / "unfinished"
     shutil.copytree(run, unfinished)
     (unfinished / "run.json").write_text(json.dumps({"status": "interrupted", "base_model": str(tiny_base)}))
-    with pytest.raises(LlamaLoraError, match=r"not finished \(status 'interrupted'\)"):
+    with pytest.raises(LlamaLoraError, match=r"whose training did not finish \(interrupted\)"):
         export.run(_cfg(unfinished), output=str(tmp_path / "a"))
     # A base the converter has no module for.
     other = tmp_path / "qwen"

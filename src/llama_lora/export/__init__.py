@@ -73,9 +73,7 @@ def run(cfg: Config, fmt: str = "gguf", dtype: str = "f16", output: str | None =
         raise LlamaLoraError(f"Unknown --dtype '{dtype}'. The converter writes {', '.join(DTYPES)}.{hint}")
     target = runs.resolve(cfg.infer.run_dir, cfg.output_dir)
     if runs.is_run_dir(target) and not RunDir(target).is_finished():
-        status = RunDir(target).status().get("status", "unknown")
-        raise LlamaLoraError(f"Run {target} is not finished (status '{status}'), so its adapter is not final. "
-                             "Finish or resume its training (`llama-lora train ... training.resume=auto`), then export.")
+        raise LlamaLoraError(runs.unfinished_message(RunDir(target)))
     out = Path(output).expanduser() if output else (
         target / f"gguf-{dtype}" if runs.is_run_dir(target) else target.parent / f"{target.name}-gguf-{dtype}")
     if out.exists():

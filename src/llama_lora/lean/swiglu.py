@@ -3,7 +3,7 @@
 A Llama MLP computes down(silu(gate(x)) * up(x)). Autograd keeps three intermediate-sized tensors per
 token per layer for it: gate (for silu's backward), silu(gate) and up (for the product's). `SiluMul`
 keeps gate and up and recomputes silu(gate) in the backward, one sigmoid per element: a sixth less
-activation memory on Llama-3.2-1B (benchmarks/README.md, "Memory (issue 15)"). Liger-Kernel's fused
+activation memory on Llama-3.2-1B (benchmarks/README.md, "Memory"). Liger-Kernel's fused
 SwiGLU does the same with Triton on CUDA only; this plain-torch one runs on every device. Forward and
 gradients are autograd's own ops, so they equal the unpatched model's (tests/unit/test_swiglu.py).
 
