@@ -266,7 +266,7 @@ def test_adapters_added_and_removed_at_runtime(server, second_run, tmp_path):
     running = shutil.copytree(second_run, tmp_path / "running")
     (running / "run.json").write_text(json.dumps({"status": "running", "base_model": str(second_run)}))
     r = post(server, "/v1/adapters", {"run": str(running)})
-    assert r.status == 400 and "has not finished training" in r.json()["error"]["message"]
+    assert r.status == 400 and "training did not finish" in r.json()["error"]["message"], r.text
     # a good one: served at once, under the name asked for; then removed
     r = post(server, "/v1/adapters", {"run": str(second_run), "name": "third"})
     assert r.status == 200, r.text
@@ -358,7 +358,7 @@ def test_start_up_refuses_unfinished_runs_and_mixed_bases(tmp_path, quickstart_r
     fake_base = tmp_path / "another-base"
     fake_base.mkdir()
     (other / "run.json").write_text(json.dumps({"status": "finished", "base_model": str(fake_base)}))
-    for runs, words in (([running], "has not finished training"), ([quickstart_run, other], "different base models")):
+    for runs, words in (([running], "training did not finish"), ([quickstart_run, other], "cannot share one base")):
         code, out, err = cli(capsys, "serve", *map(str, runs), "--port", str(free_port()))
         assert code == 2 and words in " ".join(err.split()) and "Traceback" not in err, err
 
