@@ -99,8 +99,8 @@ def run_config(run: str | None, overrides: list[str]) -> Config:
         raise
     except Exception as e:  # a config.yaml that is not YAML, or not a config: the run's file, not the code
         raise LlamaLoraError(
-            f"Could not read the run {run}'s config ({type(e).__name__}: {' '.join(str(e).split())[:300]}): its "
-            "config.yaml is damaged. Restore it from a copy of the run, or train the run again."
+            f"Could not read the config of the run {run} ({type(e).__name__}: {' '.join(str(e).split())[:300]}): "
+            "its config.yaml is damaged. Restore it from a copy of the run, or train the run again."
         ) from e
 
 
