@@ -153,46 +153,61 @@ def _experiment(args: list[str]) -> object:
 
 
 # ---- serve (#16)
-def _serve(args: list[str]) -> object:
-    from llama_lora import runs
-    from llama_lora.config.schema import ServeConfig
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: use 1-65535, or 0 for any free port")
+    return port
 
-    rest, overrides, _ = split_args(args, run_dir_shorthand=False)
+
+def _serve(args: list[str]) -> object:
+    from llama_lora import serve
+    from llama_lora.config.schema import ServeConfig
+    from llama_lora.serve.pool import served_names
+
+    # NAME=PATH names a run; other key=value arguments are overrides (infer.max_new_tokens=64).
+    overrides = [a for a in args if is_override(a) and serve.named_run(a) is None]
     parser = _parser("serve")
-    parser.add_argument("runs", nargs="*", metavar="RUN_OR_MODEL",
-                        help="run directories on one base (default: the latest finished run), or one merged model")
+    parser.add_argument("runs", nargs="*", metavar="[NAME=]RUN",
+                        help="run directories on one base (default: the latest finished run), or one merged model; "
+                             "NAME=RUN serves it as NAME (default: its folder's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' (default: $LLAMA_LORA_API_KEY)")
-    parser.add_argument("--api-key-file", help="read the API key from this file (keeps it out of `ps`)")
+    parser.add_argument("--port", type=_port, default=8000, help="port to listen on (0: any free port; the log "
+                                                                 "says which)")
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", help=f"required as 'Authorization: Bearer KEY' (default: ${serve.KEY_ENV})")
+    keys.add_argument("--api-key-file", help="read the API key from this file (keeps it out of `ps`)")
+    parser.add_argument("--allowed-hosts", default="", metavar="NAME[,NAME...]",
+                        help="more Host names to answer to besides localhost, loopback and --host (a proxy or LAN "
+                             "name; '*': any). Other names are refused (DNS rebinding)")
     parser.add_argument("--print-vllm", action="store_true",
                         help="check that vLLM can take the runs' adapters and print the `vllm serve` command")
     for name, field in ServeConfig.model_fields.items():  # the limits: one flag per ServeConfig field
         parser.add_argument("--" + name.replace("_", "-"), type=type(field.default), default=field.default,
                             help=f"{field.description} (default: {field.default})")
-    ns = parser.parse_args(rest)
+    ns = parser.parse_args([a for a in args if a not in overrides])
     try:
         serve_cfg = ServeConfig(**{n: getattr(ns, n) for n in ServeConfig.model_fields})
     except ValueError as e:
         err = e.errors()[0]
         flag = "--" + str(err["loc"][0]).replace("_", "-")
         raise LlamaLoraError(f"{flag} {err['input']} is invalid: {err['msg']}.") from None
-    key = ns.api_key
-    if key is None and ns.api_key_file:
-        try:
-            key = open(ns.api_key_file).read().strip()
-        except OSError as e:
-            raise LlamaLoraError(f"Cannot read --api-key-file {ns.api_key_file} ({e.strerror}).") from None
-        if not key:
-            raise LlamaLoraError(f"--api-key-file {ns.api_key_file} is empty. Write the key into it.")
-    key = key or os.environ.get("LLAMA_LORA_API_KEY") or None
-    cfgs = [runs.command_config("infer", overrides, r) for r in (ns.runs or [None])]
+    key = serve.api_key(ns.api_key, ns.api_key_file)  # before any run is read: a bad key fails at once
+    specs = [serve.named_run(r) or (None, r) for r in ns.runs] or [(None, None)]
+    cfgs = [serve.run_config(path, overrides) for _, path in specs]
+    names = served_names(cfgs, [n for n, _ in specs])  # two runs under one name: refused here, as in serve
     if ns.print_vllm:
         from llama_lora.serve import vllm
 
-        print(vllm.command(cfgs))
+        print(vllm.command(cfgs, names))
+        for note in vllm.notes(cfgs, names):
+            print(f"note: {note}", file=sys.stderr)
         return None
-    return _command("serve").run(cfgs, serve_cfg, host=ns.host, port=ns.port, api_key=key, overrides=overrides)
+    return _command("serve").run(cfgs, serve_cfg, host=ns.host, port=ns.port, api_key=key, overrides=overrides,
+                                 names=names, allowed_hosts=[h for h in ns.allowed_hosts.split(",") if h.strip()])
 # ---- end serve
 
 

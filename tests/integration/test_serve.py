@@ -1,14 +1,18 @@
 """`llama-lora serve`: the real server in a subprocess on loopback, driven by the official `openai` client
-(answers, streaming, models) and by httpx for what a client library would not send (bad input).
+(answers, streaming, models) and by urllib/http.client for what a client library would not send (bad
+input, another Host, another Content-Type).
 
 Servers: `server` (the quickstart run + a second adapter on the same base, with an API key), `small`
-(batch 1, queue 1: the queue-full, disconnect and SIGTERM tests; the SIGTERM test stops it) and, in its
-own test, one with a 0.3 s request timeout.
+(batch 1, queue 1: the queue-full, disconnect and SIGTERM tests; the SIGTERM test stops it) and, in their
+own tests, one with a 0.3 s request timeout, one stopped with a 1 s drain time, and one serving runs
+from a read-only mount (on a port it picks, with more allowed Host names).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -40,18 +44,26 @@ def free_port() -> int:
 
 
 class Server:
-    """`llama-lora serve ...` in a subprocess, up once /health answers."""
+    """`llama-lora serve ...` in a subprocess, up once /health answers. port=0: the server picks one, and
+    the test reads it from the log (as a user would). `launch` wraps the command (e.g. in a mount namespace)."""
 
-    def __init__(self, log: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    def __init__(self, log: Path, *args: str, port: int | None = None, launch=None):
+        self.port = free_port() if port is None else port
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "llama_lora.cli", "serve", *args, "--port", str(self.port)],
-                                     cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+        argv = [sys.executable, "-m", "llama_lora.cli", "serve", *args, "--port", str(self.port)]
+        self.proc = subprocess.Popen(launch(argv) if launch else argv, cwd=REPO, stdout=subprocess.DEVNULL,
+                                     stderr=open(log, "w"))
         deadline = time.time() + 90
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"serve exited ({self.proc.returncode}):\n{log.read_text()[-3000:]}")
+            if self.port == 0:
+                bound = re.search(r"at http://127\.0\.0\.1:(\d+) ", log.read_text())
+                if not bound:
+                    time.sleep(0.2)
+                    continue
+                self.port = int(bound[1])
+            self.url = f"http://127.0.0.1:{self.port}"
             try:
                 if get(self.url + "/health").status == 200:
                     return
@@ -121,12 +133,13 @@ class Reply:
         return json.loads(self.text)
 
 
-def request(url: str, body=None, key: str | None = KEY, method: str | None = None) -> Reply:
+def request(url: str, body=None, key: str | None = KEY, method: str | None = None,
+            headers: dict[str, str] | None = None) -> Reply:
     """A plain urllib request (the cases a client library would not send); 4xx/5xx are returned."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
     data = None if body is None else (body if isinstance(body, (bytes, str)) else json.dumps(body))
     req = urllib.request.Request(url, data=data.encode() if isinstance(data, str) else data, method=method,
-                                 headers=headers | {"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json"} | auth | (headers or {}))
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return Reply(r.status, r.headers, r.read())
@@ -177,6 +190,12 @@ def test_answers_equal_infer_for_each_adapter_streamed_or_not(server, quickstart
         assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
         done = c.completions.create(model=name, prompt=PROMPT, temperature=0)
         assert done.choices[0].text.strip() == expected
+        pieces = list(c.completions.create(model=name, prompt=PROMPT, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}))
+        assert "".join(p.choices[0].text for p in pieces if p.choices).strip() == expected
+        finishes = [p.choices[0].finish_reason for p in pieces if p.choices]
+        assert finishes[:-1] == [None] * (len(finishes) - 1) and finishes[-1] == done.choices[0].finish_reason
+        assert pieces[-1].usage.completion_tokens == done.usage.completion_tokens
         answers[name] = expected
     assert answers["second"] != answers["qs"]  # each request really runs its own adapter
     base = c.chat.completions.create(model="tiny-llama-v3", messages=[{"role": "user", "content": PROMPT}],
@@ -228,7 +247,7 @@ BAD = [  # (id, body or raw text, key, status, error type, words in the message)
     ("oversized_body", "x" * 1_100_000, KEY, 413, "invalid_request_error", "bytes"),
     ("ends_with_assistant", {"model": "qs", "messages": [{"role": "assistant", "content": "hi"}]}, KEY, 400,
      "invalid_request_error", "ending with a user turn"),
-    ("several_choices", chat_body(n=2), KEY, 400, "invalid_request_error", "n=1"),
+    ("several_choices", chat_body(n=2), KEY, 400, "invalid_request_error", "more than one choice"),
     ("bad_temperature", chat_body(temperature=-1), KEY, 400, "invalid_request_error", "temperature"),
     ("bad_key", chat_body(), "wrong-key", 401, "authentication_error", "API key"),
     ("no_key", chat_body(), None, 401, "authentication_error", "API key"),
@@ -266,7 +285,7 @@ def test_adapters_added_and_removed_at_runtime(server, second_run, tmp_path):
     running = shutil.copytree(second_run, tmp_path / "running")
     (running / "run.json").write_text(json.dumps({"status": "running", "base_model": str(second_run)}))
     r = post(server, "/v1/adapters", {"run": str(running)})
-    assert r.status == 400 and "has not finished training" in r.json()["error"]["message"]
+    assert r.status == 400 and "training did not finish" in r.json()["error"]["message"], r.text
     # a good one: served at once, under the name asked for; then removed
     r = post(server, "/v1/adapters", {"run": str(second_run), "name": "third"})
     assert r.status == 200, r.text
@@ -358,7 +377,7 @@ def test_start_up_refuses_unfinished_runs_and_mixed_bases(tmp_path, quickstart_r
     fake_base = tmp_path / "another-base"
     fake_base.mkdir()
     (other / "run.json").write_text(json.dumps({"status": "finished", "base_model": str(fake_base)}))
-    for runs, words in (([running], "has not finished training"), ([quickstart_run, other], "different base models")):
+    for runs, words in (([running], "training did not finish"), ([quickstart_run, other], "cannot share one base")):
         code, out, err = cli(capsys, "serve", *map(str, runs), "--port", str(free_port()))
         assert code == 2 and words in " ".join(err.split()) and "Traceback" not in err, err
 
@@ -375,3 +394,243 @@ def test_vllm_can_take_the_lora_run_and_dora_is_told_to_merge(tmp_path, quicksta
     dora = make_run(tmp_path, embedded_model, method="dora")
     code, out, err = cli(capsys, "serve", str(dora), "--print-vllm")
     assert code == 2 and "DoRA" in err and "merge it first" in " ".join(err.split())
+
+
+# ---- what a hostile or careless client sends
+
+
+REFUSED_BY_THE_CLIENT = [  # (route, the openai client's keyword arguments, the refused field)
+    ("chat", {"functions": [{"name": "f", "parameters": {}}], "function_call": {"name": "f"}}, "functions"),
+    ("chat", {"function_call": {"name": "f"}}, "function_call"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("chat", {"tool_choice": "required"}, "tool_choice"),
+    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+     "response_format"),
+    ("chat", {"logit_bias": {"50": 100}}, "logit_bias"),
+    ("chat", {"frequency_penalty": 2}, "frequency_penalty"),
+    ("chat", {"presence_penalty": -1}, "presence_penalty"),
+    ("chat", {"logprobs": True}, "logprobs"),
+    ("chat", {"stop": ["\n"]}, "stop"),
+    ("completions", {"suffix": "end"}, "suffix"),
+    ("completions", {"best_of": 3}, "best_of"),
+    ("completions", {"logprobs": 0}, "logprobs"),
+    ("completions", {"echo": True}, "echo"),
+]
+
+
+def test_fields_the_server_cannot_honour_are_refused_in_openai_shape(server):
+    c = client(server)
+    for route, kwargs, field in REFUSED_BY_THE_CLIENT:
+        with pytest.raises(openai.BadRequestError) as e:
+            if route == "chat":
+                c.chat.completions.create(model="qs", messages=[{"role": "user", "content": PROMPT}], max_tokens=2,
+                                          **kwargs)
+            else:
+                c.completions.create(model="qs", prompt=PROMPT, max_tokens=2, **kwargs)
+        err = e.value.body
+        assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error", err
+        assert err["param"] == field and err["code"].startswith("unsupported"), err
+        assert "does not support" in err["message"], err
+    # the values that ask for nothing more than what the server does are accepted
+    ok = c.chat.completions.create(model="qs", messages=[{"role": "user", "content": PROMPT}], max_tokens=2,
+                                   tool_choice="none", response_format={"type": "text"}, frequency_penalty=0,
+                                   logit_bias={}, n=1, stop=[], logprobs=False)
+    assert ok.choices[0].message.content
+    # stream_options is typed strictly: a string "false" is not a boolean
+    r = post(server, "/v1/chat/completions", chat_body(stream=True, stream_options={"include_usage": "false"}))
+    assert r.status == 400 and r.json()["error"]["param"] == "stream_options.include_usage", r.text
+
+
+def test_a_seed_is_honoured_for_sampled_answers(server):
+    c = client(server)
+
+    def sample(seed):
+        return c.chat.completions.create(model="qs", messages=[{"role": "user", "content": PROMPT}], max_tokens=24,
+                                         temperature=1.5, seed=seed, extra_body={"ignore_eos": True}
+                                         ).choices[0].message.content
+
+    assert sample(7) == sample(7)  # the same seed: the same answer
+    assert len({sample(1), sample(2), sample(3)}) > 1  # and it is sampled, not greedy
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", '{"model":"qs","messages":[{"role":"user","content":"Reverse \\ud83d"}]}',
+     "messages.0.content"),
+    ("/v1/chat/completions", '{"model":"qs","messages":[{"role":"system","content":"be \\udfff"},'
+                             '{"role":"user","content":"hi"}]}', "messages.0.content"),
+    ("/v1/chat/completions", '{"model":"qs","messages":[{"role":"user","content":[{"type":"text",'
+                             '"text":"a\\ud800"}]}]}', "messages.0.content.0.text"),
+    ("/v1/completions", '{"model":"qs","prompt":"x \\udfff"}', "prompt"),
+    ("/v1/chat/completions", '{"model":"q\\ud800","messages":[{"role":"user","content":"hi"}]}', "model"),
+])
+def test_an_unpaired_surrogate_is_a_400_naming_the_field(server, path, body, param):
+    r = post(server, path, body)
+    assert r.status == 400 and r.headers["content-type"] == "application/json", r.text
+    assert r.json()["error"] | {"message": None} == {"message": None, "type": "invalid_request_error",
+                                                     "param": param, "code": "invalid_value"}
+    assert "surrogate" in r.json()["error"]["message"]
+    assert "Exception in ASGI application" not in server.log.read_text()
+
+
+def test_dns_rebinding_and_cross_site_posts_are_refused(server):
+    # A page on rebind.attacker.example whose name now resolves to 127.0.0.1: the browser sends its Host.
+    for route in ("/v1/models", "/health", "/"):
+        r = request(server.url + route, headers={"Host": "rebind.attacker.example:8000"})
+        assert r.status == 400 and r.json()["error"]["code"] == "host_not_allowed", (route, r.text)
+        assert "--allowed-hosts" in r.json()["error"]["message"]
+    for host in ("localhost:1", "127.0.0.1", "[::1]:8000"):
+        assert request(server.url + "/health", headers={"Host": host}).status == 200, host
+    # A simple cross-site POST (no CORS preflight) can only be text/plain, form or multipart:
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        r = request(server.url + "/v1/chat/completions", chat_body(max_tokens=2), headers={"Content-Type": ctype})
+        assert r.status == 415 and r.json()["error"]["code"] == "unsupported_media_type", (ctype, r.text)
+    assert post(server, "/v1/chat/completions", chat_body(max_tokens=2)).status == 200
+
+
+def test_models_retrieve(server):
+    c = client(server)
+    assert c.models.retrieve("qs").id == "qs" and c.models.retrieve("tiny-llama-v3").model_extra["kind"] == "base"
+    with pytest.raises(openai.NotFoundError) as e:
+        c.models.retrieve("nope")
+    assert e.value.body["code"] == "model_not_found" and "qs" in e.value.body["message"]
+
+
+def test_admin_route_refuses_damaged_or_mismatched_runs_with_400(server, second_run, tmp_path):
+    bad_config = shutil.copytree(second_run, tmp_path / "bad-config")
+    (bad_config / "config.yaml").write_text("model: [unclosed\n")
+    bad_prompt = shutil.copytree(second_run, tmp_path / "bad-prompt")
+    (bad_prompt / "prompt.json").write_text('{"kind": "chat", "bogus": 1}')
+    nf4 = shutil.copytree(second_run, tmp_path / "nf4")
+    (nf4 / "config.yaml").write_text((nf4 / "config.yaml").read_text().replace("quantization: none",
+                                                                               "quantization: nf4"))
+    failed = shutil.copytree(second_run, tmp_path / "failed")
+    shutil.rmtree(failed / "adapter")
+    (failed / "run.json").write_text(json.dumps({"status": "failed", "error": "non-finite loss at step 3"}))
+    for run, words in ((bad_config, "config.yaml"), (bad_prompt, "prompt.json"),
+                       (nf4, "trained on the nf4-quantized base .*, but this server holds it unquantized"),
+                       (failed, "training did not finish .failed: non-finite loss at step 3.*run_name=failed")):
+        r = post(server, "/v1/adapters", {"run": str(run)})
+        assert r.status == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "run_not_servable" and re.search(words, err["message"]), err
+    assert post(server, "/v1/chat/completions", chat_body(max_tokens=2)).status == 200  # still serving
+    assert "Exception in ASGI application" not in server.log.read_text()
+
+
+def test_sigterm_past_the_drain_time_cancels_the_rest_and_exits_in_time(tmp_path, quickstart_run):
+    """8 long streams, 2 generated at a time, 1 s to drain: the rest is cancelled, every client gets an error
+    event (not a cut connection), and the process exits soon after the drain time."""
+    s = Server(tmp_path / "drain.log", str(quickstart_run), "--max-batch", "2", "--drain-timeout-s", "1")
+    bodies = []
+
+    def stream():
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", json.dumps(chat_body(max_tokens=460, ignore_eos=True,
+                                                                          stream=True)),
+                     {"Content-Type": "application/json"})
+        bodies.append(conn.getresponse().read().decode())
+
+    threads = [threading.Thread(target=stream) for _ in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for _ in range(200):
+            if s.health()["active"] == 2 and s.health()["queued"] == 6:
+                break
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        s.proc.wait(30)
+        took = time.monotonic() - t0
+    finally:
+        s.stop()
+    for t in threads:
+        t.join(30)
+    assert took < 1 + 5, f"exited {took:.1f} s after SIGTERM with a 1 s drain time"
+    stats = json.loads(re.search(r"Server stopped after (\{.*\})", s.log.read_text())[1].replace("'", '"'))
+    assert stats["cancelled"] >= 4 and stats["tokens"] < 8 * 460, stats
+    assert len(bodies) == 8 and all(b.rstrip().endswith("data: [DONE]") for b in bodies), bodies
+    assert sum("server_shutting_down" in b for b in bodies) == stats["cancelled"]
+    assert "Traceback" not in s.log.read_text()
+
+
+def test_a_run_on_a_read_only_mount_is_served(tmp_path, quickstart_run, second_run):
+    """As `docker run -v ./outputs:/runs:ro` does: the runs' folder is read-only, so no lock file can be made
+    beside them; serve reads them without one (nothing can write them there either)."""
+    from tests.integration.test_read_only import _can_mount_read_only
+
+    if not _can_mount_read_only(tmp_path):
+        pytest.skip("needs `unshare -rm` and bind mounts (a private mount namespace) to make a read-only folder")
+    ro = tmp_path / "runs"
+    shutil.copytree(quickstart_run, ro / "qs")
+    shutil.copytree(second_run, ro / "second")
+    (tmp_path / "key").write_text(KEY)
+
+    def read_only(argv):
+        f = shlex.quote(str(ro))
+        cmd = " ".join(shlex.quote(a) for a in argv)
+        return ["unshare", "-rm", "sh", "-c", f"mount --bind {f} {f} && mount -o remount,ro,bind {f} && exec {cmd}"]
+
+    s = Server(tmp_path / "ro.log", f"mine={ro / 'qs'}", "--api-key-file", str(tmp_path / "key"),
+               "--allowed-hosts", "llm.lan,other.lan", port=0, launch=read_only)
+    try:
+        assert request(s.url + "/health", headers={"Host": "llm.lan:8000"}).status == 200  # --allowed-hosts
+        assert request(s.url + "/health", headers={"Host": "third.lan"}).status == 400
+        c = client(s)
+        assert {m.id for m in c.models.list().data} == {"mine", "tiny-llama-v3"}  # NAME=PATH names it
+        assert c.chat.completions.create(model="mine", messages=[{"role": "user", "content": PROMPT}],
+                                         max_tokens=4).choices[0].message.content
+        r = post(s, "/v1/adapters", {"run": str(ro / "second")})  # at runtime too
+        assert r.status == 200, r.text
+    finally:
+        s.stop()
+    assert not list(ro.glob(".*.lock"))  # none could be made
+    assert " ERROR " not in s.log.read_text() and "Traceback" not in s.log.read_text()
+
+
+def test_start_up_messages_say_what_to_do(tmp_path, quickstart_run, second_run, capsys):
+    from tests.helpers import error_paragraph
+
+    failed = shutil.copytree(second_run, tmp_path / "failed")
+    shutil.rmtree(failed / "adapter")
+    (failed / "run.json").write_text(json.dumps({"status": "interrupted", "step": 7}))
+    nf4 = shutil.copytree(second_run, tmp_path / "nf4")
+    (nf4 / "config.yaml").write_text((nf4 / "config.yaml").read_text().replace("quantization: none",
+                                                                               "quantization: nf4"))
+    twin = shutil.copytree(second_run, tmp_path / "elsewhere" / "qs")
+    port = str(free_port())
+    cases = [  # (arguments, what the message says)
+        ([str(failed)], [f"Run {failed} is a llama-lora run whose training did not finish (interrupted at step 7)",
+                         f"`llama-lora train ... output_dir={tmp_path} run_name=failed`"]),
+        ([str(quickstart_run), str(nf4)], ["qs on the unquantized base", "nf4 on the nf4-quantized base",
+                                           "quantized one way"]),
+        ([str(quickstart_run), str(quickstart_run)], [f"{quickstart_run} is named 2 times", "NAME=PATH"]),
+        ([str(quickstart_run), str(twin)], ["2 runs would be served as 'qs'",
+                                            f"`llama-lora serve qs-1={quickstart_run}"]),
+        ([str(quickstart_run), "--host", "127.0.0.l"], ["127.0.0.l is not an address or a name", "check --host"]),
+        ([str(quickstart_run), "peft.r=4"], ["`serve` uses the run as it was trained", "`serve` accepts"]),
+        ([str(quickstart_run), "--api-key", ""], ["--api-key is empty"]),
+    ]
+    for args, words in cases:
+        code, out, err = cli(capsys, "serve", *args, "--port", port)
+        assert code == 2 and "Traceback" not in err, (args, err)
+        message = error_paragraph(err)
+        assert all(w in message for w in words) and "`infer`" not in message, (args, message)
+    for port in ("99999", "-1", "http"):
+        code, out, err = cli(capsys, "serve", str(quickstart_run), "--port", port)
+        assert code == 2 and "argument --port:" in err and "Traceback" not in err, err
+
+
+def test_print_vllm_names_runs_like_serve_and_notes_a_quantized_base(tmp_path, quickstart_run, second_run, capsys):
+    code, out, err = cli(capsys, "serve", str(quickstart_run), str(quickstart_run), "--print-vllm")
+    assert code == 2 and "is named 2 times" in err and not out, err  # as serve refuses it
+    code, out, err = cli(capsys, "serve", f"a={quickstart_run}", f"b={quickstart_run}", "--print-vllm")
+    assert code == 0 and "--max-loras 2" in out, err
+    assert f"--lora-modules a={quickstart_run / 'adapter'} b={quickstart_run / 'adapter'}" in out
+    nf4 = shutil.copytree(second_run, tmp_path / "nf4")
+    (nf4 / "config.yaml").write_text((nf4 / "config.yaml").read_text().replace("quantization: none",
+                                                                               "quantization: nf4"))
+    code, out, err = cli(capsys, "serve", str(nf4), "--print-vllm")
+    assert code == 0 and out.startswith("vllm serve "), err
+    assert "note: nf4 was trained on the nf4-quantized base" in err and "full-precision base" in err

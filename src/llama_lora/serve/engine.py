@@ -5,8 +5,11 @@ not use two adapters). It takes the oldest queued request and every other queued
 model and sampling settings (up to `max_batch`), and generates them together with
 `generation.generate` (left padding, the run's stop tokens, exactly infer's code). A per-row stopping
 criterion ends a row at its own max_tokens, when its client disconnected, or at its deadline; the batch
-ends when every row has. Admin work (adding or removing an adapter) runs on the same thread, between
-batches. Why not `transformers serve`'s continuous-batching manager: it loads one model per name from the
+ends when every row has. A request with a `seed` that samples is generated alone, with the random
+generators seeded (same seed and settings: same answer). Admin work (adding or removing an adapter) runs
+on the same thread, between batches. `stop()` drops the queue and cuts the batch being generated.
+
+Why not `transformers serve`'s continuous-batching manager: it loads one model per name from the
 hub or a path, with the tokenizer's own chat template, and has no notion of PEFT adapters switched per
 request or of our saved prompt formats; the static batches here reuse infer's generation unchanged.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -36,6 +40,10 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class Stopping(Exception):
+    """The server is shutting down: no new request is taken."""
+
+
 @dataclass(eq=False)  # identity: a job is one request
 class Job:
     """One request's generation. Events go to the request's asyncio queue: ("text", str) deltas, then
@@ -52,6 +60,7 @@ class Job:
     deadline: float
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
+    seed: int | None = None  # for a sampled request: its answer is reproducible (generated alone, seeded)
     cancelled: threading.Event = field(default_factory=threading.Event)
     ids: list[int] = field(default_factory=list)
     sent: str = ""
@@ -59,7 +68,12 @@ class Job:
 
     @property
     def key(self) -> tuple:
-        return (self.entry.name, self.do_sample, self.temperature, self.top_p, self.ignore_eos)
+        return (self.entry.name, self.do_sample, self.temperature, self.top_p, self.ignore_eos, self.seed)
+
+    @property
+    def alone(self) -> bool:
+        """Generated in a batch of its own: a seeded sample (other rows would draw from its generator)."""
+        return self.seed is not None and self.do_sample
 
     @property
     def done(self) -> bool:
@@ -134,10 +148,14 @@ class _RowStop(StoppingCriteria):
 
 
 class Engine:
+    """The queue and the worker thread. `submit` and `call` are for the HTTP side; everything else in
+    here runs on the worker, except `stop`."""
+
     def __init__(self, pool: Pool, max_batch: int, queue_size: int, batch_wait_s: float):
         self.pool, self.max_batch, self.queue_size, self.batch_wait_s = pool, max_batch, queue_size, batch_wait_s
         self._pending: collections.deque[Job] = collections.deque()
         self._admin: collections.deque[tuple[Callable, Future]] = collections.deque()
+        self._running: list[Job] = []  # the batch being generated
         self._cv = threading.Condition()
         self._stop = False
         self.active = 0  # requests being generated now
@@ -148,11 +166,38 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop generating, without waiting: every queued request is dropped and every request in the batch
+        being generated is cut at its next token (each ends 'cancelled', so its client gets an error rather
+        than a cut connection); waiting admin calls fail. For the end of the server's drain time."""
         with self._cv:
+            if self._stop:
+                return
             self._stop = True
+            dropped, self._pending = list(self._pending), collections.deque()
+            admin, self._admin = list(self._admin), collections.deque()
+            for job in self._running:
+                job.cancelled.set()
             self._cv.notify_all()
-        self._thread.join(timeout=30)
+            for job in dropped:
+                self._cancel(job)
+        for _, fut in admin:
+            fut.set_exception(Stopping())
+        if dropped or self._running:
+            log.info("Stopping: %d queued request(s) dropped, %d being generated cut short", len(dropped),
+                     len(self._running))
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """`halt`, then wait up to `timeout` s for the worker thread. Returns whether it ended in time; a
+        worker stuck in one long step is a daemon thread, so the process exits all the same."""
+        self.halt()
+        if not self._thread.is_alive():
+            return True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("The generation worker did not stop within %.0f s; exiting without it.", timeout)
+            return False
+        return True
 
     @property
     def queued(self) -> int:
@@ -160,6 +205,8 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         with self._cv:
+            if self._stop:
+                raise Stopping
             if len(self._pending) >= self.queue_size:
                 self.stats["rejected"] += 1
                 batches_ahead = 1 + len(self._pending) // self.max_batch
@@ -171,27 +218,41 @@ class Engine:
         """Run fn() on the worker thread between batches (adding or removing an adapter)."""
         fut: Future = Future()
         with self._cv:
+            if self._stop:
+                fut.set_exception(Stopping())
+                return fut
             self._admin.append((fn, fut))
             self._cv.notify_all()
         return fut
 
     # ------------------------------------------------------------------------------------------------
 
+    def _cancel(self, job: Job, reason: str = "cancelled") -> None:
+        """End a job that gets no row (gone, out of time, or dropped at stop)."""
+        if not job.done:
+            job.finish(reason)
+            if reason == "cancelled":
+                self.stats["cancelled"] += 1
+
     def _take(self) -> list[Job] | tuple | None:
         with self._cv:
             while not (self._pending or self._admin or self._stop):
                 self._cv.wait()
+            if self._stop:
+                return None
             if self._admin:
                 return self._admin.popleft()
-            if not self._pending:
-                return None  # stopping, nothing left
             first = self._pending[0]
-        if self.batch_wait_s and len(self._pending) < self.max_batch:
+        if self.batch_wait_s and len(self._pending) < self.max_batch and not first.alone:
             time.sleep(self.batch_wait_s)  # let requests arriving together share the batch
         with self._cv:
-            batch = [j for j in self._pending if j.key == first.key][: self.max_batch]
+            if self._stop:
+                return None
+            size = 1 if first.alone else self.max_batch
+            batch = [j for j in self._pending if j.key == first.key][:size]
             for j in batch:
                 self._pending.remove(j)
+            self._running = batch
             self.active = len(batch)
         return batch
 
@@ -217,7 +278,9 @@ class Engine:
                         job.finish_reason = "error"
                         job.emit("error", f"{type(e).__name__}: {e}")
             finally:
-                self.active = 0
+                with self._cv:
+                    self._running = []
+                    self.active = 0
                 self._batch_s = 0.8 * self._batch_s + 0.2 * (time.monotonic() - t0)
 
     def _generate(self, jobs: list[Job]) -> None:
@@ -225,7 +288,7 @@ class Engine:
         live = [j for j in jobs if not j.cancelled.is_set() and now < j.deadline]
         for j in jobs:
             if j not in live:  # gone or out of time while queued: not worth a row
-                j.finish("cancelled" if j.cancelled.is_set() else "timeout")
+                self._cancel(j, "cancelled" if j.cancelled.is_set() else "timeout")
         if not live:
             return
         first = live[0]
@@ -236,7 +299,7 @@ class Engine:
                 j.emit("error", f"The model '{entry.name}' was removed while this request waited.")
             return
         tok = entry.loaded.tokenizer
-        with self.pool.activate(entry) as model:
+        with self.pool.activate(entry) as model, _seeded(first.seed if first.alone else None, model):
             gen = generation_config(model, tok, max(j.max_tokens for j in live), first.do_sample,
                                     first.temperature, first.top_p)
             stops = set(stop_token_ids(model, tok))
@@ -252,3 +315,16 @@ class Engine:
         self.stats["requests"] += len(live)
         self.stats["tokens"] += rows.tokens
         self.stats["cancelled"] += sum(j.finish_reason == "cancelled" for j in live)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, model):
+    """torch's random generators seeded for one batch, and restored after it (other batches draw on)."""
+    if seed is None:
+        yield
+        return
+    device = next(model.parameters()).device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

@@ -2,8 +2,9 @@
 
 Each served name is an `Entry`: a run (its adapter, tokenizer and saved prompt format, loaded with the same
 `runs` functions infer uses) or the plain base (the adapter switched off, with the first run's tokenizer and
-prompt format: the base as its runs saw it, like `baseline`). Only the engine's worker thread calls the
-methods that touch the model (`add`, `remove`, `activate`), so switching adapters never races a generation.
+prompt format: the base as its runs saw it, like `baseline`). A run is served under its folder's name, or
+the name given as `NAME=PATH`. Only the engine's worker thread calls the methods that touch the model
+(`add`, `remove`, `activate`), so switching adapters never races a generation.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,10 @@ from llama_lora.errors import LlamaLoraError
 from llama_lora.runs import Loaded
 
 log = logging.getLogger("llama_lora.serve")
+
+# What `serve` may change on a saved run is what `infer` may (the request defaults infer.*, and the
+# runtime): registered under serve's own name, so that a refused override names the command the user ran.
+runs.SAVED_RUN_FIELDS.setdefault("serve", runs.SAVED_RUN_FIELDS["infer"])
 
 # A probe prompt for the "is the adapter applied?" check at load time (merge checks the same way).
 PROBE = ("Reverse the word.", "probe")
@@ -58,21 +64,83 @@ def _base_id(base: str) -> str:
     return path.name if path.exists() else base
 
 
-def _model_key(cfg: Config, base: str) -> tuple:
+@dataclass(frozen=True)
+class BaseKey:
     """What must agree for runs to share one base copy in memory."""
-    m = cfg.model
-    return (str(Path(base).resolve()) if Path(base).exists() else base, m.revision, m.dtype,
-            getattr(m, "quantization", None))
+
+    path: str
+    revision: str | None
+    dtype: str
+    quantization: str
+
+    @classmethod
+    def of(cls, cfg: Config, base: str) -> "BaseKey":
+        m = cfg.model
+        return cls(str(Path(base).resolve()) if Path(base).exists() else base, m.revision, m.dtype,
+                   getattr(m, "quantization", None) or "none")
+
+    def describe(self, other: "BaseKey", held: bool = False) -> str:
+        """This base in words, naming what differs from `other`; held=True: "it ..." when the path is the same."""
+        quant = "unquantized" if self.quantization == "none" else f"{self.quantization}-quantized"
+        if held and self.path == other.path:
+            text = "it" + (f" {quant}" if self.quantization != other.quantization else "")
+        else:
+            text = f"the {quant + ' ' if self.quantization != other.quantization else ''}base {self.path}"
+        if self.revision != other.revision:
+            text += f" at revision {self.revision or 'main'}"
+        if self.dtype != other.dtype:
+            text += f" in dtype {self.dtype}"
+        return text
+
+    def advice(self, other: "BaseKey") -> str:
+        """How to serve runs on `other` when this server holds this key."""
+        if (self.path, self.revision, self.quantization) == (other.path, other.revision, other.quantization):
+            return f"Serve them with one dtype (add model.dtype={self.dtype} to the command), or start one "\
+                   "`llama-lora serve` per dtype (each on its own --port)."
+        if (self.path, self.revision) == (other.path, other.revision):
+            return "One server holds the base once, quantized one way: start one `llama-lora serve` for the runs " \
+                   "trained on the quantized base and one for the others (each on its own --port)."
+        return "One server holds one base in memory and serves the adapters trained on it: start one " \
+               "`llama-lora serve` per base (each on its own --port), or merge a run (`llama-lora merge`) and " \
+               "serve the merged model alone."
+
+
+def served_names(cfgs: list[Config], names: list[str | None] | None = None) -> list[str]:
+    """The name each run is served under: the given one (`NAME=PATH`), else its folder's name (a merged
+    model inside a run: `<run>-merged`). Two runs under one name are refused, saying how to name them."""
+    names = list(names or [None] * len(cfgs))
+    out = []
+    for cfg, name in zip(cfgs, names):
+        target = runs.resolve(cfg.infer.run_dir, cfg.output_dir)
+        if name is None and not runs.is_run_dir(target) and target.name == "merged" \
+                and (target.parent / "run.json").is_file():
+            name = f"{target.parent.name}-merged"  # `llama-lora merge` output
+        out.append(name or target.name)
+    for name in dict.fromkeys(out):
+        paths = [cfg.infer.run_dir for cfg, n in zip(cfgs, out) if n == name]
+        if len(paths) > 1:
+            same = len(set(paths)) == 1
+            what = f"{paths[0]} is named {len(paths)} times" if same else \
+                f"{len(paths)} runs would be served as '{name}' ({', '.join(paths)})"
+            example = " ".join(f"{name}-{i + 1}={p}" for i, p in enumerate(paths))
+            raise LlamaLoraError(
+                f"{what}: each served model needs its own name. {'Name it once, or name each' if same else 'Name each'}"
+                f" with NAME=PATH (`llama-lora serve {example}`); a running server also takes more runs by "
+                "POST /v1/adapters with a \"name\"."
+            )
+    return out
 
 
 class Pool:
     """Loads runs that share one base; names -> entries. Not thread-safe: the engine's worker owns it."""
 
-    def __init__(self, cfgs: list[Config]):
+    def __init__(self, cfgs: list[Config], names: list[str | None] | None = None):
+        """Load the runs `cfgs` (on one base), served under `names` (None: each folder's name)."""
         if not cfgs:
             raise LlamaLoraError("Nothing to serve: name at least one run directory.")
         self.entries: dict[str, Entry] = {}
         self._next_adapter = 0
+        names = served_names(cfgs, names)
         first = cfgs[0]
         target = runs.resolve(first.infer.run_dir, first.output_dir)
         self.runtime = runs.inference_runtime(first)
@@ -84,59 +152,75 @@ class Pool:
                 )
             loaded = runs.load(first, runtime=self.runtime)
             self.model, self.base, self.key = loaded.model, "", None
-            inside_run = target.name == "merged" and (target.parent / "run.json").is_file()
-            name = f"{target.parent.name}-merged" if inside_run else target.name  # `llama-lora merge` output
-            self.entries[name] = Entry(name, loaded, first, None, int(time.time()))
+            self.entries[names[0]] = Entry(names[0], loaded, first, None, int(time.time()))
             self.context_length = _context_length(self.model)
             return
         for c in cfgs:  # before the base is loaded: a run still training is refused at once
-            _check_finished(runs.resolve(c.infer.run_dir, c.output_dir))
+            check_finished(runs.resolve(c.infer.run_dir, c.output_dir))
         bases = [(runs.base_model_of(runs.resolve(c.infer.run_dir, c.output_dir), c), c) for c in cfgs]
-        keys = {_model_key(c, b) for b, c in bases}
-        if len(keys) > 1:
-            listing = "; ".join(f"{c.infer.run_dir} on {b}" for b, c in bases)
+        keys = [BaseKey.of(c, b) for b, c in bases]
+        if len(set(keys)) > 1:
+            other = next(k for k in keys if k != keys[0])
+            listing = "; ".join(f"{n} on {k.describe(other if k == keys[0] else keys[0])}"
+                                for n, k in zip(names, keys))
+            raise LlamaLoraError(f"These runs cannot share one base model in memory: {listing}. "
+                                 f"{keys[0].advice(other)}")
+        self.base, self.key = bases[0][0], keys[0]
+        base_name = _base_id(self.base)
+        if base_name in names:
             raise LlamaLoraError(
-                f"These runs were trained on different base models ({listing}). One server holds one base in "
-                "memory and serves the adapters trained on it: start one `llama-lora serve` per base (each on "
-                "its own --port), or merge a run (`llama-lora merge`) and serve the merged model alone."
+                f"The base model is served as '{base_name}', which is also the name of the run "
+                f"{cfgs[names.index(base_name)].infer.run_dir}. Give the run another name with NAME=PATH "
+                f"(`llama-lora serve {base_name}-lora={cfgs[names.index(base_name)].infer.run_dir}`)."
             )
-        self.base, self.key = bases[0][0], keys.pop()
         log.info("Loading the base model %s once for %d run(s)", self.base, len(cfgs))
         self.model = model_lib.load_model(self.base, first.model, self.runtime, training=False).eval()
         self.context_length = _context_length(self.model)
-        for cfg in cfgs:
-            self.add(cfg)
+        for cfg, name in zip(cfgs, names):
+            self.add(cfg, name)
         base_loaded = next(iter(self.entries.values())).loaded
-        name = _base_id(self.base)
-        self.entries[name] = Entry(name, base_loaded, first, None, int(time.time()))
+        self.entries[base_name] = Entry(base_name, base_loaded, first, None, int(time.time()))
 
     # ------------------------------------------------------------------------------------------------
 
     def add(self, cfg: Config, name: str | None = None) -> Entry:
-        """Load a finished run's adapter onto the shared base, probe it, and serve it under its run name."""
+        """Load a finished run's adapter onto the shared base, probe it, and serve it under `name` (default:
+        its folder's name). Anything wrong with the run is a LlamaLoraError (RunBusy: another llama-lora
+        process writes it), with the model unchanged."""
         target = runs.resolve(cfg.infer.run_dir, cfg.output_dir)
         name = name or target.name
         if not runs.is_run_dir(target):
             raise LlamaLoraError(f"{target} is a standalone model, not a run with an adapter: it cannot be "
                                  "added to a running server. Serve it with its own `llama-lora serve`.")
         if name in self.entries:
-            raise LlamaLoraError(f"A model named '{name}' is already served. Remove it first, or give another name.")
+            raise LlamaLoraError(f"A model named '{name}' is already served. Remove it first (DELETE "
+                                 f"/v1/adapters/{name}), or give this run another name ({{\"name\": ...}}).")
         run = RunDir(target)
-        _check_finished(target)
+        check_finished(target)
         base = runs.base_model_of(target, cfg)
-        if self.key is None or _model_key(cfg, base) != self.key:
+        key = BaseKey.of(cfg, base)
+        if self.key is None or key != self.key:
+            held = "a merged model" if self.key is None else self.key.describe(key, held=True)
             raise LlamaLoraError(
-                f"Run {target} was trained on {base}, but this server holds {self.base or 'a merged model'}. "
+                f"Run {target} was trained on {key.describe(self.key or key)}, but this server holds {held}. "
                 "Start another `llama-lora serve` for it (on its own --port)."
             )
-        # The run lock (held by train, merge, eval) while its files are read: never load a half-written run.
+        # A shared lock on the run while its files are read: refused while train, merge or eval writes it
+        # (never a half-written run); none on a read-only file system, where nothing can write it.
         try:
             lock = run.read_lock("serve")
         except LlamaLoraError as e:
             raise RunBusy(str(e)) from None
         with lock:
-            tokenizer = model_lib.load_tokenizer(str(run.tokenizer) if run.tokenizer.is_dir() else base, cfg.model)
-            fmt = runs.read_prompt_format(target, cfg, tokenizer)
+            try:
+                tokenizer = model_lib.load_tokenizer(str(run.tokenizer) if run.tokenizer.is_dir() else base,
+                                                     cfg.model)
+                fmt = runs.read_prompt_format(target, cfg, tokenizer)
+            except (OSError, ValueError, TypeError, KeyError) as e:  # what a damaged file raises there
+                raise LlamaLoraError(
+                    f"Could not read the run {target} ({_one_line(e)}): its prompt.json or tokenizer/ is damaged. "
+                    "Restore it from a copy of the run, or train the run again."
+                ) from e
             adapter = self._load_adapter(run.adapter)
         try:
             self.model.eval()
@@ -187,10 +271,9 @@ class Pool:
         try:
             self.model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
         except Exception as e:
-            text = f"{type(e).__name__}: {e}".splitlines()[0]
             raise LlamaLoraError(
-                f"Could not load the adapter in {adapter_dir} ({text}). Its files are missing or corrupted, or "
-                "it was trained on another base model."
+                f"Could not load the adapter in {adapter_dir} ({_one_line(e)}). Its files are missing or "
+                "corrupted, or it was trained on another base model."
             ) from e
         return name
 
@@ -203,13 +286,45 @@ class Pool:
             self.model.delete_adapter(adapter)
 
 
-def _check_finished(target: Path) -> None:
+def check_finished(target: Path) -> None:
+    """Refuse a llama-lora run whose training did not finish, saying what state it is in and how to finish it
+    (nothing for a folder that is not a llama-lora run: the caller says what it is)."""
     run = RunDir(target)
-    if runs.is_run_dir(target) and not run.is_finished():
-        raise LlamaLoraError(
-            f"Run {target} has not finished training (status '{run.status().get('status', 'unknown')}'). "
-            "Serve it once `llama-lora train` has finished it."
-        )
+    if not run.is_owned() or run.is_finished():
+        return
+    status = run.status()
+    state, pid = status.get("status"), status.get("pid")
+    if state == "running" and _alive(pid):
+        raise LlamaLoraError(f"Run {target} is still training (process {pid}): its adapter is not final. Serve it "
+                             "once `llama-lora train` has finished it.")
+    if state == "finished":  # finished, but adapter/adapter_config.json is gone
+        raise LlamaLoraError(f"Run {target} finished training, but its adapter/adapter_config.json is missing: the "
+                             "run is damaged. Restore it from a copy, or train it again.")
+    why = {"running": f"status 'running', but its process {pid} is gone (killed or crashed)" if pid else
+           "status 'running', but no process is training it",
+           "interrupted": f"interrupted at step {status.get('step', '?')}",
+           "failed": f"failed: {status.get('error') or 'see its train.log'}"}.get(state, f"status '{state}'")
+    raise LlamaLoraError(
+        f"Run {target} is a llama-lora run whose training did not finish ({why}), so it has no final adapter to "
+        f"serve. Resume it with the command that started it (`llama-lora train ... output_dir={target.parent} "
+        f"run_name={target.name}`): it continues from its newest checkpoint. Then serve it."
+    )
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
 
 
 def _context_length(model) -> int:

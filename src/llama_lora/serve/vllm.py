@@ -42,8 +42,9 @@ def problems(adapter_dir: Path) -> list[str]:
     return out
 
 
-def command(cfgs: list[Config]) -> str:
-    """The `vllm serve` command for these runs (one base), or LlamaLoraError listing what vLLM refuses."""
+def command(cfgs: list[Config], names: list[str] | None = None) -> str:
+    """The `vllm serve` command for these runs (one base), each served as its name in `names` (default: its
+    folder's name), or LlamaLoraError listing what vLLM refuses."""
     targets = [runs.resolve(c.infer.run_dir, c.output_dir) for c in cfgs]
     bad = {t: problems(t / "adapter") for t in targets if runs.is_run_dir(t)}
     bad |= {t: ["it is not a run directory with an adapter/"] for t in targets if not runs.is_run_dir(t)}
@@ -61,5 +62,18 @@ def command(cfgs: list[Config]) -> str:
             "--max-loras", str(len(targets))]
     if tokenizer.is_dir():
         args += ["--tokenizer", str(tokenizer)]
-    args += ["--lora-modules", *(f"{t.name}={t / 'adapter'}" for t in targets)]
+    names = names or [t.name for t in targets]
+    args += ["--lora-modules", *(f"{n}={t / 'adapter'}" for n, t in zip(names, targets))]
     return shlex.join(args)
+
+
+def notes(cfgs: list[Config], names: list[str]) -> list[str]:
+    """What the printed command serves differently from the runs as trained."""
+    out = []
+    for cfg, name in zip(cfgs, names):
+        quantization = getattr(cfg.model, "quantization", "none") or "none"
+        if quantization != "none":
+            out.append(f"{name} was trained on the {quantization}-quantized base; this command has vLLM load the "
+                       "full-precision base, so its answers can differ from the run's as trained (`llama-lora "
+                       "serve` quantizes the base as training did). Compare a few answers before switching.")
+    return out
