@@ -27,8 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("llama_lora.merge", "merge a run's adapter into the base weights and verify the result"),
     "validate": ("llama_lora.validate", "check a configuration, the model, the data and memory before training"),
     "experiment": ("llama_lora.experiment", "run several configurations (preset, -m sweep or Optuna search), compare, plot"),
-    "serve": ("llama_lora.serve", "serve runs over an OpenAI-compatible API, with a chat page"),  # serve (#16)
-    "export": ("llama_lora.export", "write a run as a verified GGUF file (llama.cpp, Ollama) with a Modelfile"),  # export (#17)
+    "serve": ("llama_lora.serve", "serve runs over an OpenAI-compatible API, with a chat page"),
+    "export": ("llama_lora.export", "write a run as a verified GGUF file (llama.cpp, Ollama) with a Modelfile"),
 }
 
 USAGE = """usage: llama-lora <command> [options] [key=value ...]
@@ -152,7 +152,7 @@ def _experiment(args: list[str]) -> object:
     return summary
 
 
-# ---- serve (#16)
+# ---- serve
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -208,10 +208,9 @@ def _serve(args: list[str]) -> object:
         return None
     return _command("serve").run(cfgs, serve_cfg, host=ns.host, port=ns.port, api_key=key, overrides=overrides,
                                  names=names, allowed_hosts=[h for h in ns.allowed_hosts.split(",") if h.strip()])
-# ---- end serve
 
 
-# ---- export (#17)
+# ---- export
 def _export(args: list[str]) -> object:
     from llama_lora import runs
 
@@ -230,7 +229,6 @@ def _export(args: list[str]) -> object:
     cfg = runs.command_config("export", overrides, ns.run_dir or run_dir)
     return _command("export").run(cfg, fmt=ns.format, dtype=ns.dtype, output=ns.output, adapter=ns.adapter,
                                   llama_cpp_check=ns.llama_cpp_check)
-# ---- end export
 
 
 _PARSERS = {

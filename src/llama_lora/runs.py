@@ -38,6 +38,7 @@ SAVED_RUN_FIELDS: dict[str, tuple[str, ...]] = {
               "infer.run_dir"),
     "export": ("training.device", "model.dtype", "model.trust_remote_code", "output_dir", "infer.run_dir"),
 }
+SAVED_RUN_FIELDS["serve"] = SAVED_RUN_FIELDS["infer"]  # serve answers as infer does
 
 
 def is_run_dir(path: Path) -> bool:
@@ -77,6 +78,9 @@ def unfinished_message(run: RunDir) -> str:
     if state == "running" and alive:
         return (f"Run {run.path} is still training (process {pid}): its adapter is not final. Wait for it to "
                 "finish, then run this command again.")
+    if state == "finished":  # finished, but adapter/adapter_config.json is gone
+        return (f"Run {run.path} finished training, but its adapter/adapter_config.json is missing: the run is "
+                "damaged. Restore it from a copy, or train it again.")
     why = {"running": f"status 'running', but its process {pid} is gone (killed or crashed)" if pid else
            "status 'running', but no process is training it",
            "interrupted": "interrupted" + (f" at step {status['step']}" if status.get("step") else ""),

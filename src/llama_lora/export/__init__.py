@@ -194,23 +194,13 @@ def _remove_killed_temporaries(out: Path) -> list[str]:
     removed = []
     for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.tmp-*")) if out.parent.is_dir() else []:
         pid = p.name.rpartition(".tmp-")[2]
-        if (not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)) or p.is_symlink() or not p.is_dir()
+        if (not pid.isdigit() or int(pid) == os.getpid() or artifacts.process_alive(int(pid)) or p.is_symlink() or not p.is_dir()
                 or not (p / artifacts.TMP_MARKER).is_file()):
             continue
         shutil.rmtree(p)
         removed.append(p.name)
         log.info("Removed %s, the temporary folder of an export into %s that did not finish", p, out)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 def _export(cfg: Config, tmp: Path, dtype: str, model_dir: Path | None, adapter: bool = False,

@@ -30,7 +30,6 @@ log = logging.getLogger("llama_lora.serve")
 
 # What `serve` may change on a saved run is what `infer` may (the request defaults infer.*, and the
 # runtime): registered under serve's own name, so that a refused override names the command the user ran.
-runs.SAVED_RUN_FIELDS.setdefault("serve", runs.SAVED_RUN_FIELDS["infer"])
 
 # A probe prompt for the "is the adapter applied?" check at load time (merge checks the same way).
 PROBE = ("Reverse the word.", "probe")
@@ -290,37 +289,8 @@ def check_finished(target: Path) -> None:
     """Refuse a llama-lora run whose training did not finish, saying what state it is in and how to finish it
     (nothing for a folder that is not a llama-lora run: the caller says what it is)."""
     run = RunDir(target)
-    if not run.is_owned() or run.is_finished():
-        return
-    status = run.status()
-    state, pid = status.get("status"), status.get("pid")
-    if state == "running" and _alive(pid):
-        raise LlamaLoraError(f"Run {target} is still training (process {pid}): its adapter is not final. Serve it "
-                             "once `llama-lora train` has finished it.")
-    if state == "finished":  # finished, but adapter/adapter_config.json is gone
-        raise LlamaLoraError(f"Run {target} finished training, but its adapter/adapter_config.json is missing: the "
-                             "run is damaged. Restore it from a copy, or train it again.")
-    why = {"running": f"status 'running', but its process {pid} is gone (killed or crashed)" if pid else
-           "status 'running', but no process is training it",
-           "interrupted": f"interrupted at step {status.get('step', '?')}",
-           "failed": f"failed: {status.get('error') or 'see its train.log'}"}.get(state, f"status '{state}'")
-    raise LlamaLoraError(
-        f"Run {target} is a llama-lora run whose training did not finish ({why}), so it has no final adapter to "
-        f"serve. Resume it with the command that started it (`llama-lora train ... output_dir={target.parent} "
-        f"run_name={target.name}`): it continues from its newest checkpoint. Then serve it."
-    )
-
-
-def _alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
+    if run.is_owned() and not run.is_finished():
+        raise LlamaLoraError(runs.unfinished_message(run))
 
 
 def _one_line(e: BaseException) -> str:
