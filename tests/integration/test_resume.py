@@ -93,7 +93,9 @@ def test_kill_during_saves_never_leaves_a_half_written_artifact(root, tiny_base,
                 cli.main([command, f"infer.run_dir={run}", *(["Say hi."] if command == "infer" else [])])
             err = " ".join(capsys.readouterr().err.split())
             assert e.value.code == 2 and "Traceback" not in err
-            assert "neither a llama-lora run directory" in err and "did not finish" in err, err
+            # a run of llama-lora's that was killed: said so, with the command that resumes it
+            assert "is a llama-lora run whose training did not finish" in err and "is gone" in err, err
+            assert f"output_dir={tmp_path} run_name=run" in err, err
 
     out = run_to_end(args, tmp_path / "third.out")
     assert f"removed .adapter.tmp-{second.pid}" in out and f"Resumed from {run}/checkpoints/step-000009" in out
