@@ -214,7 +214,7 @@ def quantized_base_note(report: dict) -> str:
 
 def _adapts_tied_head(model) -> bool:
     """An adapter on an output head that shares its weight with the input embeddings cannot be merged
-    faithfully: merging changes the shared matrix, hence the embeddings too (PEFT issue #2777)."""
+    faithfully: merging changes the shared matrix, hence the embeddings too (peft#2777)."""
     base = model.get_base_model()
     head, emb = base.get_output_embeddings(), base.get_input_embeddings()
     layer = getattr(head, "base_layer", head)
